@@ -1,0 +1,446 @@
+"""
+The fixed half of autoresearch: constants, one-time data preparation, and the runtime utilities that
+train.py imports (tokenizer, dataloader, and evaluate_bpb, the metric). The agent never edits this file.
+
+    uv run prepare.py                          # 10 training shards + the validation shard, then the tokenizer
+    uv run prepare.py --num-shards -1          # all 6542 training shards
+    uv run prepare.py --download-workers 16    # more parallel downloads
+
+Everything lives under ~/.cache/autoresearch (data/ and tokenizer/), or under $AUTORESEARCH_CACHE_DIR if set.
+Downloads come from $HF_ENDPOINT (default https://huggingface.co), so a mirror can stand in for the hub.
+"""
+
+import argparse
+import bisect
+import hashlib
+import math
+import os
+import pickle
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from multiprocessing import Pool
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import rustbpe
+import tiktoken
+import torch
+
+# ---------------------------------------------------------------------------
+# Constants (fixed: they define the benchmark)
+# ---------------------------------------------------------------------------
+
+MAX_SEQ_LEN = 2048              # context length for training and evaluation
+TIME_BUDGET = 300               # seconds of training (wall clock, compilation excluded)
+EVAL_TOKENS = 40 * 524288       # tokens seen by the validation evaluation
+VOCAB_SIZE = 8192               # tokenizer size, special tokens included
+
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so each run does not re-tokenize them
+
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+MAX_SHARD = 6542                # shards are shard_00000.parquet ... shard_06542.parquet
+VAL_SHARD = MAX_SHARD           # the validation shard is pinned to the last one, whatever else is downloaded
+VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
+DOWNLOAD_ATTEMPTS = 5           # per shard; attempt n failing waits 2**n seconds before the next
+CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
+DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
+
+# GPT-4's split pattern, with numbers split into groups of at most 2 digits (not 3)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]   # every document starts with it
+TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text fed to BPE
+TOKENIZER_DOC_CAP = 10_000      # each document is cut to its first this many characters for BPE
+
+# ---------------------------------------------------------------------------
+# Shards on disk
+# ---------------------------------------------------------------------------
+
+def shard_filename(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def check_parquet(path):
+    """Raise ValueError unless path is a whole parquet file with a `text` column."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path} is not a valid parquet file ({e})") from None
+    if "text" not in schema.names:
+        raise ValueError(f"{path} has no `text` column")
+
+
+def list_shards(split):
+    """Sorted, checked shard paths of a split: 'val' is the pinned validation shard, 'train' every other one."""
+    assert split in ("train", "val"), split
+    names = sorted(f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")) if os.path.isdir(DATA_DIR) else []
+    names = [f for f in names if (f == VAL_FILENAME) == (split == "val")]
+    if not names:
+        sys.exit(f"error: no {split} shards in {DATA_DIR}; run `uv run prepare.py` first")
+    paths = [os.path.join(DATA_DIR, f) for f in names]
+    for path in paths:  # a broken shard fails now, at start-up, not in the middle of a run
+        try:
+            check_parquet(path)
+        except ValueError as e:
+            sys.exit(f"error: {e}; delete it and run `uv run prepare.py` to download it again")
+    return paths
+
+
+def read_row_group(path, row_group):
+    """The documents (strings) of one row group of a shard."""
+    try:
+        return pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        sys.exit(f"error: {path} could not be read ({e}); delete it and run `uv run prepare.py` to download it again")
+
+
+def shard_token_slices(path, tokenizer, slice_size=128):
+    """One shard's documents as uint16 token arrays (BOS first), each row group cut into slices of 128.
+
+    Each row group is tokenized once and kept in the token cache, tokens/<tokenizer>/<shard>/<group>.npz,
+    so later runs read tokens instead of re-tokenizing the same text. Same documents, same slices.
+    """
+    stem = os.path.basename(path)[:-len(".parquet")]
+    cache_dir = os.path.join(TOKENS_DIR, tokenizer.fingerprint, stem)
+    stat = os.stat(path)
+    source = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)  # a replaced shard invalidates its cache
+    for row_group in range(pq.read_metadata(path).num_row_groups):
+        cache = os.path.join(cache_dir, f"{row_group:05d}.npz")
+        docs = None
+        if os.path.exists(cache):
+            with np.load(cache) as saved:
+                if np.array_equal(saved["source"], source):
+                    docs = np.split(saved["tokens"], np.cumsum(saved["doc_lengths"])[:-1])
+        if docs is None:
+            texts = read_row_group(path, row_group)
+            docs = [np.array(ids, dtype=np.uint16) for ids in tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())]
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
+            os.replace(tmp, cache)
+        for i in range(0, len(docs), slice_size):
+            yield docs[i:i + slice_size]
+
+
+def token_batches(tokenizer, split):
+    """Endless (documents, epoch): files in sorted order, slices of 128 tokenized documents; epoch from 1."""
+    paths = list_shards(split)
+    epoch = 1
+    while True:
+        for path in paths:
+            for docs in shard_token_slices(path, tokenizer):
+                yield docs, epoch
+        epoch += 1
+
+# ---------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------
+
+def remove_quietly(*paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def download_shard(index, first_wait=2.0):
+    """Fetch one shard into DATA_DIR via <name>.tmp and an atomic rename; True when it is there, whole."""
+    name = shard_filename(index)
+    path = os.path.join(DATA_DIR, name)
+    tmp = path + ".tmp"
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            with requests.get(f"{BASE_URL}/{name}", stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
+                response.raise_for_status()
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
+                        f.write(chunk)
+            check_parquet(tmp)  # a body cut short has no parquet footer
+            os.replace(tmp, path)
+            print(f"  {name} done")
+            return True
+        except (requests.RequestException, OSError, ValueError) as e:
+            remove_quietly(tmp, path)
+            print(f"  {name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed: {str(e).splitlines()[0]}")
+            if attempt < DOWNLOAD_ATTEMPTS:
+                time.sleep(first_wait * 2 ** (attempt - 1))
+    return False
+
+
+def download_data(num_shards, download_workers=8, first_wait=2.0):
+    """Download training shards 0..num_shards-1 plus the validation shard; return the names that failed."""
+    os.makedirs(DATA_DIR, exist_ok=True)
+    remove_quietly(*(os.path.join(DATA_DIR, f) for f in os.listdir(DATA_DIR) if f.endswith(".tmp")))  # interrupted runs
+    wanted = list(range(num_shards)) + [VAL_SHARD]
+    missing = []
+    for index in wanted:
+        path = os.path.join(DATA_DIR, shard_filename(index))
+        if os.path.exists(path):
+            try:
+                check_parquet(path)
+                continue
+            except ValueError as e:
+                print(f"  {e}: downloading it again")
+                os.remove(path)
+        missing.append(index)
+    if not missing:
+        print(f"Data: all {len(wanted)} shards already present")
+        return []
+    workers = min(download_workers, len(missing))
+    print(f"Data: downloading {len(missing)} of {len(wanted)} shards from {BASE_URL} with {workers} workers")
+    with Pool(processes=workers) as pool:
+        ok = pool.map(partial(download_shard, first_wait=first_wait), missing)
+    failed = [shard_filename(i) for i, good in zip(missing, ok) if not good]
+    print(f"Data: {len(wanted) - len(failed)}/{len(wanted)} shards ready in {DATA_DIR}")
+    return failed
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+def tokenizer_training_texts():
+    """Training documents only (never the validation shard), each cut to TOKENIZER_DOC_CAP characters."""
+    nchars = 0
+    for path in list_shards("train"):
+        for row_group in range(pq.read_metadata(path).num_row_groups):
+            for text in read_row_group(path, row_group):
+                doc = text[:TOKENIZER_DOC_CAP]
+                nchars += len(doc)
+                yield doc
+                if nchars >= TOKENIZER_MAX_CHARS:
+                    return
+
+
+def train_tokenizer():
+    """Train BPE with rustbpe, save it as a tiktoken encoding plus the byte length of every token."""
+    tokenizer_path = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
+    token_bytes_path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
+    if os.path.exists(tokenizer_path) and os.path.exists(token_bytes_path):
+        print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
+        return
+    shards = [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")] if os.path.isdir(DATA_DIR) else []
+    if len(shards) < 2 or VAL_FILENAME not in shards:
+        sys.exit(f"error: tokenizer training needs at least one training shard and {VAL_FILENAME} in {DATA_DIR}; "
+                 f"run `uv run prepare.py` with the network available")
+    print("Tokenizer: training BPE ...")
+    t0 = time.time()
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(tokenizer_training_texts(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    mergeable_ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    offset = len(mergeable_ranks)
+    if offset != VOCAB_SIZE - len(SPECIAL_TOKENS):
+        sys.exit(f"error: BPE found only {offset} tokens (needs {VOCAB_SIZE - len(SPECIAL_TOKENS)}); "
+                 f"the training shards hold too little text: download more with `uv run prepare.py --num-shards N`")
+    enc = tiktoken.Encoding(
+        name="rustbpe",
+        pat_str=bpe.get_pattern(),
+        mergeable_ranks=mergeable_ranks,
+        special_tokens={name: offset + i for i, name in enumerate(SPECIAL_TOKENS)},
+    )
+    # bytes of each token's decoded text; a piece of a multi-byte character decodes to U+FFFD and counts 3
+    token_bytes = torch.tensor(
+        [len(enc.decode([i]).encode("utf-8")) if i < offset else 0 for i in range(enc.n_vocab)], dtype=torch.int32)
+    sample = "Hello world! 12345 tokens: café, naïve, 東京, 🚀 done."
+    assert enc.decode(enc.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
+    os.makedirs(TOKENIZER_DIR, exist_ok=True)
+    with open(tokenizer_path + ".tmp", "wb") as f:
+        pickle.dump(enc, f)
+    torch.save(token_bytes, token_bytes_path + ".tmp")
+    os.replace(token_bytes_path + ".tmp", token_bytes_path)
+    os.replace(tokenizer_path + ".tmp", tokenizer_path)
+    print(f"Tokenizer: {enc.n_vocab} tokens trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}")
+
+
+class Tokenizer:
+    """The trained tiktoken encoding, with BOS handling."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+        self.fingerprint = hashlib.sha256(pickle.dumps(enc)).hexdigest()[:16]  # names its token cache
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        path = os.path.join(tokenizer_dir or TOKENIZER_DIR, "tokenizer.pkl")
+        if not os.path.exists(path):
+            sys.exit(f"error: no tokenizer at {path}; run `uv run prepare.py` first")
+        with open(path, "rb") as f:
+            return cls(pickle.load(f))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Ordinary encoding of a string or a list of strings; prepend (an id or special token) goes first."""
+        if isinstance(text, str):
+            ids = [self.enc.encode_ordinary(text)]
+        elif isinstance(text, list):
+            ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+        else:
+            raise TypeError(f"encode takes a str or a list of str, not {type(text).__name__}")
+        if prepend is not None:
+            prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
+            ids = [[prepend_id] + row for row in ids]
+        return ids[0] if isinstance(text, str) else ids
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(device="cpu"):
+    path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
+    if not os.path.exists(path):
+        sys.exit(f"error: no {path}; run `uv run prepare.py` first")
+    return torch.load(path, map_location=device)
+
+# ---------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing, no padding
+# ---------------------------------------------------------------------------
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class DocumentBuffer:
+    """Tokenized documents waiting to be packed, grouped by length so that a best fit is a bisection.
+
+    Same choices as a linear scan of one list in arrival order: the longest document that fits, the
+    earliest among equally long ones; when none fits, the shortest, the earliest among equals.
+    """
+
+    def __init__(self):
+        self.lengths = []   # sorted distinct lengths present
+        self.by_length = {} # length -> deque of documents (np arrays) in arrival order
+        self.count = 0
+
+    def add(self, doc):
+        n = len(doc)
+        if n not in self.by_length:
+            bisect.insort(self.lengths, n)
+            self.by_length[n] = deque()
+        self.by_length[n].append(doc)
+        self.count += 1
+
+    def _take(self, i):
+        n = self.lengths[i]
+        queue = self.by_length[n]
+        doc = queue.popleft()
+        if not queue:
+            del self.lengths[i], self.by_length[n]
+        self.count -= 1
+        return doc
+
+    def take_best_fit(self, room):
+        """Longest document of at most `room` tokens, or else the shortest document (to be cropped)."""
+        i = bisect.bisect_right(self.lengths, room) - 1
+        return self._take(max(i, 0))
+
+
+def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefetch=4):
+    """Endless (inputs, targets, epoch): B x T int64 rows on `device` (default CUDA if available, else CPU).
+
+    Each row is T + 1 tokens of whole documents, chosen best-fit from a buffer of `buffer_size`; when no
+    document fits the room left, the shortest is cropped to fill the row. Every row starts with BOS.
+    The next slices of documents are read (from the token cache, or tokenized) in a background thread
+    while rows are packed.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    stream = token_batches(tokenizer, split)
+    executor = ThreadPoolExecutor(max_workers=1)  # one worker: slices are read in order
+    pending = deque(executor.submit(next, stream) for _ in range(prefetch))
+    buffer = DocumentBuffer()
+    epoch = 1
+    pin = device.type == "cuda"
+    try:
+        while True:
+            rows = np.empty((B, T + 1), dtype=np.int64)
+            for row in rows:
+                pos = 0
+                while pos < T + 1:
+                    while buffer.count < buffer_size:
+                        docs, epoch = pending.popleft().result()
+                        pending.append(executor.submit(next, stream))
+                        for doc in docs:
+                            buffer.add(doc)
+                    doc = buffer.take_best_fit(T + 1 - pos)
+                    n = min(len(doc), T + 1 - pos)
+                    row[pos:pos + n] = doc[:n]
+                    pos += n
+            # inputs and targets side by side in one fresh host tensor: one copy to the device, and no
+            # staging buffer reused while an earlier non-blocking copy may still be reading it
+            host = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))
+            if pin:
+                host = host.pin_memory()
+            both = host.to(device, non_blocking=pin)
+            yield both[0], both[1], epoch
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+# ---------------------------------------------------------------------------
+# Evaluation: the fixed metric
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Validation bits per byte: summed cross-entropy (nats) of byte-carrying targets / (ln 2 * their bytes).
+
+    Independent of the vocabulary size; special tokens (0 bytes) are left out of both sums. The same
+    EVAL_TOKENS tokens from the start of the validation shard every time; runs on the model's device.
+    """
+    device = next(model.parameters()).device
+    token_bytes = get_token_bytes(device)
+    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
+    nats, nbytes = [], []
+    for _ in range(steps):
+        x, y, _ = next(loader)
+        loss = model(x, y, reduction="none").view(-1)   # (B*T,) nats per target
+        target_bytes = token_bytes[y.view(-1)]          # (B*T,)
+        nats.append((loss * (target_bytes > 0)).sum())
+        nbytes.append(target_bytes.sum())
+    loader.close()
+    total_nats = sum(t.item() for t in nats)
+    total_bytes = sum(t.item() for t in nbytes)
+    return total_nats / (math.log(2) * total_bytes)
+
+# ---------------------------------------------------------------------------
+# Main: download, then train the tokenizer
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download climbmix shards and train the tokenizer (one time).")
+    parser.add_argument("--num-shards", type=int, default=10,
+                        help=f"training shards to download, -1 for all {MAX_SHARD} (the validation shard is always added)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel download processes")
+    args = parser.parse_args(argv)
+    if args.num_shards == -1:
+        args.num_shards = MAX_SHARD
+    if not 1 <= args.num_shards <= MAX_SHARD:
+        parser.error(f"--num-shards must be between 1 and {MAX_SHARD}, or -1 for all; got {args.num_shards}")
+    if args.download_workers < 1:
+        parser.error(f"--download-workers must be at least 1; got {args.download_workers}")
+
+    print(f"Cache directory: {CACHE_DIR}")
+    failed = download_data(args.num_shards, args.download_workers)
+    if failed:
+        sys.exit(f"error: {len(failed)} shard(s) still failed after {DOWNLOAD_ATTEMPTS} attempts: {', '.join(failed)}; "
+                 f"check the network (or HF_ENDPOINT) and run `uv run prepare.py` again (finished shards are kept)")
+    train_tokenizer()
+    print("Done: ready to train with `uv run train.py`")
+
+
+if __name__ == "__main__":
+    main()
