@@ -1,0 +1,121 @@
+"""Attention: the PyTorch fallback against a naive masked softmax, forward and backward, with the kernel's windows.
+
+Covers the three paths of train.pytorch_attention (causal SDPA for full windows, dense mask off CUDA,
+FlexAttention block mask on CUDA; the block mask is also checked on the CPU) for windows S, L, the forced-L
+last layer and the edges 0 and T-1, with several query/key-value head counts. On CUDA, Flash Attention 3
+from the kernel hub against the fallback when the hub kernel loads.
+
+    uv run pytest tests/test_attention.py
+"""
+
+import math
+
+import pytest
+import torch
+
+import train
+
+T = 64
+
+
+def naive_attention(q, k, v, left):
+    """Softmax over keys j with i - left <= j <= i, computed on a full (T x T) score matrix; (B, T, H, D) layout."""
+    B, T, Hq, D = q.shape
+    repeat = Hq // k.size(2)  # query head h reads key/value head h // repeat
+    k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & (j >= i - left)
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v)
+
+
+def random_qkv(n_head, n_kv_head, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, T, n_head, 16), (2, T, n_kv_head, 16), (2, T, n_kv_head, 16)]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def windows_of_a_model():
+    """The distinct windows GPT gives its layers at sequence length T: S, L, and L forced onto the last layer."""
+    config = train.GPTConfig(sequence_len=T, n_layer=3, window_pattern="SSS")
+    sizes = train.GPT._compute_window_sizes(config)
+    assert sizes == [(T // 2, 0), (T // 2, 0), (T, 0)]
+    return sorted({left for left, _ in sizes})
+
+
+WINDOWS = windows_of_a_model() + [0, 1, T - 2, T - 1, -1]
+HEADS = [(4, 4), (4, 2), (4, 1)]
+
+
+def assert_same_forward_backward(fn, q, k, v, left, atol):
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*ref_inputs, left if left >= 0 else T)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, torch.ones_like(ref))
+    torch.testing.assert_close(out.double().cpu(), ref, atol=atol, rtol=atol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), rg, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("n_head,n_kv_head", HEADS)
+@pytest.mark.parametrize("left", WINDOWS)
+def test_fallback_matches_naive_attention(left, n_head, n_kv_head):
+    q, k, v = random_qkv(n_head, n_kv_head)
+    fallback = lambda q, k, v: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    assert_same_forward_backward(fallback, q, k, v, left, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_head,n_kv_head", HEADS)
+@pytest.mark.parametrize("left", [0, 1, T // 2, T - 2])
+def test_flex_block_mask_matches_naive_attention(left, n_head, n_kv_head):
+    """The CUDA path's block mask, run through FlexAttention's eager implementation on the CPU."""
+    q, k, v = random_qkv(n_head, n_kv_head)
+    mask = train.sliding_window_block_mask(T, left, torch.device("cpu"))
+
+    def flex(q, k, v):
+        y = train.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                                 enable_gqa=n_head != n_kv_head)
+        return y.transpose(1, 2)
+
+    assert_same_forward_backward(flex, q, k, v, left, atol=1e-10)
+
+
+def test_window_is_left_plus_one_keys_not_left():
+    """Off-by-one guard: with window (left, 0), query i must see key i - left (the kernel does)."""
+    q, k, v = (t.detach() for t in random_qkv(1, 1))
+    left = 4
+    out = train.pytorch_attention(q, k, v, window_size=(left, 0))
+    v2 = v.clone()
+    v2[:, 10 - left] += 100.0  # key 6 is inside query 10's window, key 5 is not
+    assert not torch.allclose(train.pytorch_attention(q, k, v2, window_size=(left, 0))[:, 10], out[:, 10])
+    v3 = v.clone()
+    v3[:, 10 - left - 1] += 100.0
+    torch.testing.assert_close(train.pytorch_attention(q, k, v3, window_size=(left, 0))[:, 10], out[:, 10])
+
+
+# --- CUDA only: the hub kernel against the fallback -------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("n_head,n_kv_head", HEADS)
+@pytest.mark.parametrize("left", [T // 2, T, 0, 1])
+def test_cuda_fallback_in_bf16_matches_naive(left, n_head, n_kv_head):
+    q, k, v = random_qkv(n_head, n_kv_head, dtype=torch.bfloat16, device="cuda")
+    fallback = lambda q, k, v: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    assert_same_forward_backward(fallback, q, k, v, left, atol=3e-2)
+
+
+@cuda
+@pytest.mark.parametrize("n_head,n_kv_head", HEADS)
+@pytest.mark.parametrize("left", [T // 2, T, 0, 1])
+def test_hub_kernel_matches_fallback(left, n_head, n_kv_head):
+    fa3, source = train.load_flash_attention_3()
+    if fa3 is None:
+        pytest.skip(f"hub kernel unavailable: {source}")
+    q, k, v = random_qkv(n_head, n_kv_head, dtype=torch.bfloat16, device="cuda")
+    kernel = lambda q, k, v: fa3(q, k, v, causal=True, window_size=(left, 0))
+    assert_same_forward_backward(kernel, q, k, v, left, atol=3e-2)
