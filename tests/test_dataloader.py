@@ -1,0 +1,187 @@
+"""The dataloader: BOS-aligned best-fit packing, equal to a plain implementation of SPEC's steps, batch for batch.
+
+The reference below reads the parquet files itself, tokenizes every slice of 128 documents, and scans one
+list in arrival order for every document it places, exactly as SPEC section 2 words it. The real loader
+(length-ordered buffer, background reading, token cache) must give the same (inputs, targets, epoch) across
+an epoch boundary, from a cold token cache and from a warm one. tests/bench_dataloader.py times the two.
+
+    uv run pytest tests/test_dataloader.py
+"""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import prepare
+from conftest import make_documents, write_shard
+
+
+def reference_dataloader(tokenizer, B, T, split, buffer_size=1000):
+    """SPEC's packing, written plainly: the longest document that fits (earliest among equals), else crop the shortest."""
+    def slices():
+        epoch = 1
+        while True:
+            for name in sorted(os.listdir(prepare.DATA_DIR)):
+                if not name.endswith(".parquet") or (name == prepare.VAL_FILENAME) != (split == "val"):
+                    continue
+                pf = pq.ParquetFile(os.path.join(prepare.DATA_DIR, name))
+                for rg in range(pf.num_row_groups):
+                    texts = pf.read_row_group(rg).column("text").to_pylist()
+                    for i in range(0, len(texts), 128):
+                        yield texts[i:i + 128], epoch
+            epoch += 1
+
+    source = slices()
+    bos = tokenizer.get_bos_token_id()
+    buffer, epoch = [], 1
+    while True:
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                while len(buffer) < buffer_size:
+                    texts, epoch = next(source)
+                    buffer.extend(tokenizer.encode(texts, prepend=bos))
+                remaining = T + 1 - len(row)
+                best = None
+                for i, doc in enumerate(buffer):
+                    if len(doc) <= remaining and (best is None or len(doc) > len(buffer[best])):
+                        best = i
+                if best is not None:
+                    row.extend(buffer.pop(best))
+                else:
+                    shortest = min(range(len(buffer)), key=lambda i: len(buffer[i]))
+                    row.extend(buffer.pop(shortest)[:remaining])
+            rows.append(row)
+        rows = torch.tensor(rows, dtype=torch.long)
+        yield rows[:, :-1], rows[:, 1:], epoch
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def assert_same_batches(got, expected):
+    for i, ((x, y, e), (rx, ry, re)) in enumerate(zip(got, expected)):
+        assert x.dtype == torch.int64 and x.shape == rx.shape, i
+        assert torch.equal(x, rx) and torch.equal(y, ry), f"batch {i} differs"
+        assert e == re, f"batch {i}: epoch {e} != {re}"
+
+
+@pytest.fixture
+def small_corpus(tokenizer, tmp_path, monkeypatch):
+    """Two small training shards: one row group cut into slices 128, 128, 44; row groups of 50 and 20."""
+    data = tmp_path / "data"
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+    docs = [make_documents(300, seed=7, mean_words=15), make_documents(70, seed=8, mean_words=15)]
+    write_shard(str(data / "shard_00000.parquet"), docs[0], row_group_size=300)
+    write_shard(str(data / "shard_00001.parquet"), docs[1], row_group_size=50)
+    write_shard(str(data / prepare.VAL_FILENAME), make_documents(50, seed=9))
+    return sum(len(ids) + 1 for shard in docs for ids in tokenizer.encode(shard))
+
+
+@pytest.mark.parametrize("B,T,buffer_size", [(4, 64, 1000), (3, 200, 50), (2, 16, 7), (1, 500, 1)])
+def test_rows_equal_the_reference_across_an_epoch_boundary(tokenizer, small_corpus, B, T, buffer_size, tmp_path):
+    n = small_corpus // (B * T) + 5  # one epoch and a bit
+    expected = take(reference_dataloader(tokenizer, B, T, "train", buffer_size), n)
+    assert expected[-1][2] > expected[0][2]  # the epoch counter moves within the compared batches
+    cold = take(prepare.make_dataloader(tokenizer, B, T, "train", buffer_size, device="cpu"), n)
+    assert_same_batches(cold, expected)
+    assert os.listdir(tmp_path / "tokens")  # the cold pass filled the token cache
+    warm = take(prepare.make_dataloader(tokenizer, B, T, "train", buffer_size, device="cpu"), n)
+    assert_same_batches(warm, expected)
+
+
+def _train_docs(tokenizer):
+    return [tokenizer.encode(docs) for name, docs in _shards().items() if name != prepare.VAL_FILENAME]
+
+
+def _shards():
+    return {name: pq.read_table(os.path.join(prepare.DATA_DIR, name)).column("text").to_pylist()
+            for name in sorted(os.listdir(prepare.DATA_DIR)) if name.endswith(".parquet")}
+
+
+def test_every_row_starts_with_bos_and_targets_are_shifted_inputs(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+    bos = tokenizer.get_bos_token_id()
+    loader = prepare.make_dataloader(tokenizer, 8, 96, "train", device="cpu")
+    for _ in range(5):
+        x, y, epoch = next(loader)
+        assert x.shape == y.shape == (8, 96) and x.device.type == "cpu"
+        assert torch.all(x[:, 0] == bos)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert epoch == 1
+
+
+def test_rows_are_whole_documents_then_one_cropped_one(tokenizer, tmp_path, monkeypatch):
+    """Split every row at BOS: all pieces but the last are whole training documents; the last is a prefix."""
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+    bos = tokenizer.get_bos_token_id()
+    docs = {tuple([bos] + ids) for shard in _train_docs(tokenizer) for ids in shard}
+    x, y, _ = next(prepare.make_dataloader(tokenizer, 16, 128, "train", device="cpu"))
+    for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+        starts = [i for i, t in enumerate(row) if t == bos]
+        pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:] + [len(row)])]
+        assert all(p in docs for p in pieces[:-1])
+        assert any(d[:len(pieces[-1])] == pieces[-1] for d in docs)
+
+
+def test_validation_loader_is_deterministic_and_only_reads_the_validation_shard(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+    first = take(prepare.make_dataloader(tokenizer, 4, 64, "val", device="cpu"), 6)
+    second = take(prepare.make_dataloader(tokenizer, 4, 64, "val", device="cpu"), 6)
+    assert_same_batches(second, first)
+    assert_same_batches(first, take(reference_dataloader(tokenizer, 4, 64, "val"), 6))
+    train_first = next(prepare.make_dataloader(tokenizer, 4, 64, "train", device="cpu"))
+    assert not torch.equal(train_first[0], first[0][0])
+
+
+def test_document_buffer_best_fit_rules():
+    buffer = prepare.DocumentBuffer()
+    docs = [np.full(n, i) for i, n in enumerate([5, 9, 5, 3, 9, 12])]
+    for d in docs:
+        buffer.add(d)
+    assert buffer.take_best_fit(9)[0] == 1    # the longest that fits, the earliest of the two 9s
+    assert buffer.take_best_fit(100)[0] == 5  # 12
+    assert buffer.take_best_fit(8)[0] == 0    # 5s: the earliest
+    assert buffer.take_best_fit(2)[0] == 3    # nothing fits: the shortest (3) is taken, to be cropped
+    assert buffer.take_best_fit(9)[0] == 4
+    assert buffer.take_best_fit(1)[0] == 2
+    assert buffer.count == 0 and buffer.lengths == []
+
+
+def test_token_cache_ignores_a_replaced_shard(tokenizer, tmp_path, monkeypatch):
+    """A shard rewritten with other text must be re-tokenized, not served from the old cache."""
+    data = tmp_path / "data"
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+    write_shard(str(data / prepare.VAL_FILENAME), ["alpha beta gamma"] * 20)
+    first = next(prepare.make_dataloader(tokenizer, 2, 16, "val", device="cpu"))[0]
+    write_shard(str(data / prepare.VAL_FILENAME), ["one two three four five"] * 30)
+    os.utime(data / prepare.VAL_FILENAME, ns=(1, 1))  # a different mtime, even within one clock tick
+    second = next(prepare.make_dataloader(tokenizer, 2, 16, "val", device="cpu"))[0]
+    assert second[0, 1:4].tolist() == tokenizer.encode("one two three")[:3]
+    assert not torch.equal(first, second)
+
+
+def test_missing_data_is_a_one_line_error(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "nothing"))
+    with pytest.raises(SystemExit) as e:
+        next(prepare.make_dataloader(tokenizer, 2, 16, "train", device="cpu"))
+    assert "no train shards" in str(e.value) and "uv run prepare.py" in str(e.value)
+
+
+def test_corrupt_shard_is_named_with_the_fix(tokenizer, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    write_shard(str(data / "shard_00000.parquet"), ["fine text"] * 10)
+    (data / "shard_00001.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(SystemExit) as e:
+        next(prepare.make_dataloader(tokenizer, 2, 16, "train", device="cpu"))
+    message = str(e.value)
+    assert "shard_00001.parquet" in message and "not a valid parquet file" in message
+    assert "uv run prepare.py" in message and "\n" not in message
