@@ -42,15 +42,22 @@ def load_flash_attention_3():
         return None, f"{repo} did not load ({type(e).__name__}: {reason})"
 
 
-_block_masks = {}
+_block_masks = {}  # (T, left, device type) -> BlockMask
+
 
 @torch.compiler.disable
+def _build_sliding_window_block_mask(T, left, device):
+    window = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
+    return create_block_mask(window, None, None, T, T, device=device)
+
+
 def sliding_window_block_mask(T, left, device):
-    """FlexAttention block mask in which query i sees keys i-left..i, built once per (T, left, device)."""
-    key = (T, left, str(device))
+    """FlexAttention block mask in which query i sees keys i-left..i, built once per (T, left, device type).
+
+    Built ahead of compilation (see main) it is a constant to the compiled model, with no graph break."""
+    key = (T, left, device.type)  # one GPU per run: the type names it (q.device is cuda:0, main's is cuda)
     if key not in _block_masks:
-        window = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
-        _block_masks[key] = create_block_mask(window, None, None, T, T, device=device)
+        _block_masks[key] = _build_sliding_window_block_mask(T, left, device)
     return _block_masks[key]
 
 
@@ -526,6 +533,9 @@ def main():
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     if device.type == "cuda":
+        if flash_attn_func is pytorch_attention:  # FlexAttention masks exist before compilation: no graph breaks
+            for left, _ in set(model.window_sizes):
+                sliding_window_block_mask(MAX_SEQ_LEN, left, device)
         model = torch.compile(model, dynamic=False)
 
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)

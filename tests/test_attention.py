@@ -48,13 +48,15 @@ WINDOWS = windows_of_a_model() + [0, 1, T - 2, T - 1, -1]
 HEADS = [(4, 4), (4, 2), (4, 1)]
 
 
-def assert_same_forward_backward(fn, q, k, v, left, atol):
+def assert_same_forward_backward(fn, q, k, v, left, atol, backward=True):
     out = fn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref = naive_attention(*ref_inputs, left if left >= 0 else T)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, torch.ones_like(ref))
     torch.testing.assert_close(out.double().cpu(), ref, atol=atol, rtol=atol)
+    if not backward:
+        return
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(ref, ref_inputs, torch.ones_like(ref))
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double().cpu(), rg, atol=atol, rtol=atol)
 
@@ -70,7 +72,9 @@ def test_fallback_matches_naive_attention(left, n_head, n_kv_head):
 @pytest.mark.parametrize("n_head,n_kv_head", HEADS)
 @pytest.mark.parametrize("left", [0, 1, T // 2, T - 2])
 def test_flex_block_mask_matches_naive_attention(left, n_head, n_kv_head):
-    """The CUDA path's block mask, run through FlexAttention's eager implementation on the CPU."""
+    """The CUDA path's block mask, run through FlexAttention's eager implementation on the CPU.
+
+    torch 2.9 (the locked version) runs FlexAttention's backward on the CPU; later releases refuse it."""
     q, k, v = random_qkv(n_head, n_kv_head)
     mask = train.sliding_window_block_mask(T, left, torch.device("cpu"))
 
@@ -79,7 +83,8 @@ def test_flex_block_mask_matches_naive_attention(left, n_head, n_kv_head):
                                  enable_gqa=n_head != n_kv_head)
         return y.transpose(1, 2)
 
-    assert_same_forward_backward(flex, q, k, v, left, atol=1e-10)
+    cpu_backward = torch.__version__.startswith("2.9.")
+    assert_same_forward_backward(flex, q, k, v, left, atol=1e-10, backward=cpu_backward)
 
 
 def test_window_is_left_plus_one_keys_not_left():
