@@ -50,7 +50,8 @@ BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 MAX_SHARD = 6542                # shards are shard_00000.parquet ... shard_06542.parquet
 VAL_SHARD = MAX_SHARD           # the validation shard is pinned to the last one, whatever else is downloaded
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
-DOWNLOAD_ATTEMPTS = 5           # per shard; attempt n failing waits 2**n seconds before the next
+DOWNLOAD_ATTEMPTS = 5           # per shard
+RETRY_WAIT = 2                  # seconds after the first failed attempt, doubling after each later one
 CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
 DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
 
@@ -153,14 +154,14 @@ def remove_quietly(*paths):
             pass
 
 
-def download_shard(index, first_wait=2.0):
-    """Fetch one shard into DATA_DIR via <name>.tmp and an atomic rename; True when it is there, whole."""
+def download_shard(index, data_dir, base_url, first_wait):
+    """Fetch one shard via <name>.tmp and an atomic rename; True when it is in data_dir, whole."""
     name = shard_filename(index)
-    path = os.path.join(DATA_DIR, name)
+    path = os.path.join(data_dir, name)
     tmp = path + ".tmp"
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
-            with requests.get(f"{BASE_URL}/{name}", stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
+            with requests.get(f"{base_url}/{name}", stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
                 response.raise_for_status()
                 with open(tmp, "wb") as f:
                     for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
@@ -177,7 +178,7 @@ def download_shard(index, first_wait=2.0):
     return False
 
 
-def download_data(num_shards, download_workers=8, first_wait=2.0):
+def download_data(num_shards, download_workers=8):
     """Download training shards 0..num_shards-1 plus the validation shard; return the names that failed."""
     os.makedirs(DATA_DIR, exist_ok=True)
     remove_quietly(*(os.path.join(DATA_DIR, f) for f in os.listdir(DATA_DIR) if f.endswith(".tmp")))  # interrupted runs
@@ -194,12 +195,12 @@ def download_data(num_shards, download_workers=8, first_wait=2.0):
                 os.remove(path)
         missing.append(index)
     if not missing:
-        print(f"Data: all {len(wanted)} shards already present")
+        print(f"Data: all {len(wanted)} shards already present in {DATA_DIR}")
         return []
     workers = min(download_workers, len(missing))
     print(f"Data: downloading {len(missing)} of {len(wanted)} shards from {BASE_URL} with {workers} workers")
     with Pool(processes=workers) as pool:
-        ok = pool.map(partial(download_shard, first_wait=first_wait), missing)
+        ok = pool.map(partial(download_shard, data_dir=DATA_DIR, base_url=BASE_URL, first_wait=RETRY_WAIT), missing)
     failed = [shard_filename(i) for i, good in zip(missing, ok) if not good]
     print(f"Data: {len(wanted) - len(failed)}/{len(wanted)} shards ready in {DATA_DIR}")
     return failed

@@ -5,6 +5,8 @@ Everything lives in pytest's tmp dirs; nothing touches ~/.cache/autoresearch or 
 
 import os
 import random
+import re
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -86,3 +88,34 @@ def use_cache(monkeypatch, tiny_cache):
 @pytest.fixture
 def tokenizer(use_cache):
     return prepare.Tokenizer.from_directory()
+
+
+# --- the project as an agent sees it: a copy with its constants edited down --------------------------------
+
+TINY_PREPARE = dict(MAX_SEQ_LEN="64", TIME_BUDGET="5", EVAL_TOKENS="4 * 8 * 64")
+TINY_TRAIN = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE="2 * 8 * 64")
+PROJECT_FILES = ["train.py", "prepare.py", "program.md", "README.md", "pyproject.toml", "uv.lock", ".python-version",
+                 ".gitignore"]
+
+
+def set_constants(path, **values):
+    """Edit UPPER_CASE assignments the way an agent does: the value changes, the inline comment stays."""
+    with open(path) as f:
+        text = f.read()
+    for name, value in values.items():
+        text, n = re.subn(rf"^({name} = )[^#\n]*?(\s*#.*)?$", lambda m: m.group(1) + value + (m.group(2) or ""),
+                          text, count=1, flags=re.M)
+        assert n == 1, f"{name} is not assigned at the top level of {path}"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def make_project(directory, prepare_constants=TINY_PREPARE, train_constants=TINY_TRAIN):
+    """Copy the project files into `directory` and shrink the constants so a run takes seconds on a CPU."""
+    os.makedirs(directory, exist_ok=True)
+    for name in PROJECT_FILES:
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), os.path.join(directory, name))
+    set_constants(os.path.join(directory, "prepare.py"), **prepare_constants)
+    set_constants(os.path.join(directory, "train.py"), **train_constants)
+    return directory

@@ -1,0 +1,168 @@
+"""prepare.py's download step against a loopback HTTP server laid out like the Hugging Face data set.
+
+Success; recovery after HTTP 500s and after a body cut short; a permanent 404 (non-zero exit, the shard
+named, nothing partial left); shards already present are skipped and a corrupt one replaced; the pinned
+validation shard always fetched; bad arguments refused; and the whole CLI run through HF_ENDPOINT.
+Retry waits are shortened through prepare.RETRY_WAIT; the product keeps 2 s, doubling.
+
+    uv run pytest tests/test_download.py
+"""
+
+import http.server
+import io
+import os
+import subprocess
+import sys
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from conftest import ROOT, make_documents
+
+PREFIX = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
+
+
+def parquet_bytes(docs):
+    out = io.BytesIO()
+    pq.write_table(pa.table({"text": docs}), out)
+    return out.getvalue()
+
+
+class ShardServer:
+    """Serves {filename: bytes}; `plan[filename]` lists what the next requests get: 500, 'truncate', 404, 'ok'."""
+
+    def __init__(self, files):
+        self.files, self.plan, self.requests = files, {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path[len(PREFIX):] if self.path.startswith(PREFIX) else None
+                server.requests.append(name)
+                action = server.plan.get(name, []).pop(0) if server.plan.get(name) else "ok"
+                if name not in server.files or action == 404:
+                    self.send_error(404)
+                elif action == 500:
+                    self.send_error(500)
+                else:
+                    body = server.files[name]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2] if action == "truncate" else body)
+                    self.close_connection = action == "truncate"
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def shard_files():
+    names = [prepare.shard_filename(i) for i in range(3)] + [prepare.VAL_FILENAME]
+    return {name: parquet_bytes(make_documents(40, seed=i)) for i, name in enumerate(names)}
+
+
+@pytest.fixture
+def server(shard_files, tmp_path, monkeypatch):
+    s = ShardServer(shard_files)
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(prepare, "BASE_URL", s.endpoint + PREFIX.rstrip("/"))
+    monkeypatch.setattr(prepare, "RETRY_WAIT", 0.01)
+    yield s
+    s.close()
+
+
+def data_files():
+    return sorted(os.listdir(prepare.DATA_DIR))
+
+
+def test_downloads_training_shards_and_the_pinned_validation_shard(server, shard_files):
+    assert prepare.download_data(2, download_workers=2) == []
+    assert data_files() == ["shard_00000.parquet", "shard_00001.parquet", prepare.VAL_FILENAME]
+    for name in data_files():
+        with open(os.path.join(prepare.DATA_DIR, name), "rb") as f:
+            assert f.read() == shard_files[name]
+    assert sorted(server.requests) == data_files()
+
+
+def test_recovers_after_server_errors_and_a_truncated_body(server, shard_files):
+    server.plan = {"shard_00000.parquet": [500, 500, "ok"], prepare.VAL_FILENAME: ["truncate", 500, "ok"]}
+    assert prepare.download_data(1, download_workers=2) == []
+    assert server.requests.count("shard_00000.parquet") == 3
+    assert server.requests.count(prepare.VAL_FILENAME) == 3
+    with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME), "rb") as f:
+        assert f.read() == shard_files[prepare.VAL_FILENAME]
+    assert data_files() == ["shard_00000.parquet", prepare.VAL_FILENAME]
+
+
+def test_permanent_404_exits_nonzero_naming_the_shard_and_leaves_nothing_partial(server, capsys):
+    server.plan = {"shard_00001.parquet": [404] * prepare.DOWNLOAD_ATTEMPTS}
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--num-shards", "2", "--download-workers", "3"])
+    message = str(e.value.code)
+    assert e.value.code not in (0, None)
+    assert "shard_00001.parquet" in message and "uv run prepare.py" in message and "\n" not in message
+    assert server.requests.count("shard_00001.parquet") == prepare.DOWNLOAD_ATTEMPTS
+    assert data_files() == ["shard_00000.parquet", prepare.VAL_FILENAME]  # no .tmp, no partial file
+    assert "2/3 shards ready" in capsys.readouterr().out
+
+
+def test_present_shards_are_skipped_and_a_corrupt_one_is_replaced(server, shard_files):
+    os.makedirs(prepare.DATA_DIR)
+    with open(os.path.join(prepare.DATA_DIR, "shard_00000.parquet"), "wb") as f:
+        f.write(shard_files["shard_00000.parquet"])
+    with open(os.path.join(prepare.DATA_DIR, "shard_00001.parquet"), "wb") as f:
+        f.write(b"not parquet at all")
+    with open(os.path.join(prepare.DATA_DIR, "shard_00002.parquet.tmp"), "wb") as f:
+        f.write(b"left by an interrupted run")
+    assert prepare.download_data(2) == []
+    assert sorted(server.requests) == ["shard_00001.parquet", prepare.VAL_FILENAME]
+    with open(os.path.join(prepare.DATA_DIR, "shard_00001.parquet"), "rb") as f:
+        assert f.read() == shard_files["shard_00001.parquet"]
+    assert data_files() == ["shard_00000.parquet", "shard_00001.parquet", prepare.VAL_FILENAME]
+    server.requests.clear()
+    assert prepare.download_data(2) == []
+    assert server.requests == []  # everything present: nothing fetched
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-shards", "0"], "--num-shards must be between 1 and 6542"),
+    (["--num-shards", "-2"], "--num-shards must be between 1 and 6542"),
+    (["--num-shards", "6543"], "--num-shards must be between 1 and 6542"),
+    (["--download-workers", "0"], "--download-workers must be at least 1"),
+])
+def test_bad_arguments_are_refused_before_any_download(server, args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert server.requests == [] and not os.path.exists(prepare.DATA_DIR)
+
+
+def test_cli_downloads_through_hf_endpoint_and_trains_the_tokenizer(tmp_path):
+    """The real command, in a subprocess: HF_ENDPOINT points at the loopback server, the cache at tmp."""
+    files = {prepare.shard_filename(i): parquet_bytes(make_documents(1500, seed=10 + i)) for i in range(2)}
+    files[prepare.VAL_FILENAME] = parquet_bytes(make_documents(300, seed=19))
+    server = ShardServer(files)
+    try:
+        env = dict(os.environ, HF_ENDPOINT=server.endpoint + "/", AUTORESEARCH_CACHE_DIR=str(tmp_path / "cache"))
+        result = subprocess.run([sys.executable, "prepare.py", "--num-shards", "2", "--download-workers", "2"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Cache directory: {tmp_path / 'cache'}" in result.stdout
+    assert "Data: 3/3 shards ready" in result.stdout and "Tokenizer: 8192 tokens trained" in result.stdout
+    assert sorted(os.listdir(tmp_path / "cache" / "data")) == sorted(files)
+    assert sorted(os.listdir(tmp_path / "cache" / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl"]

@@ -1,0 +1,135 @@
+"""train.py end to end, the way the agent runs it: `python train.py > run.log 2>&1` in a copy of the project
+whose UPPER_CASE constants are edited down (depth 2, width 64, sequence 64, a 5-second budget), on tiny shards.
+
+Checks the summary block to the character (keys, order, column 19, number formats), val_bpb below what a
+uniform predictor scores on the same validation tokens, training_seconds against the budget, the fast
+fail on a NaN-producing edit, and the one-line start-up errors.
+
+    uv run pytest tests/test_train_run.py
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare
+from conftest import TINY_PREPARE, TINY_TRAIN, make_project, set_constants
+from test_evaluate import UniformModel
+
+SUMMARY = [  # key, value format; values start in column 19
+    ("val_bpb", r"\d+\.\d{6}"),
+    ("training_seconds", r"\d+\.\d"),
+    ("total_seconds", r"\d+\.\d"),
+    ("peak_vram_mb", r"\d+\.\d"),
+    ("mfu_percent", r"\d+\.\d{2}|n/a"),
+    ("total_tokens_M", r"\d+\.\d"),
+    ("num_steps", r"\d+"),
+    ("num_params_M", r"\d+\.\d"),
+    ("depth", r"\d+"),
+]
+
+
+def run_train(project, cache_dir, timeout=300):
+    """The agent's command, with stdout and stderr in run.log; returns (exit status, log text)."""
+    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir))
+    status = subprocess.run(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=project, env=env,
+                            timeout=timeout).returncode
+    with open(os.path.join(project, "run.log"), newline="") as f:  # keep the \r of the progress line
+        return status, f.read()
+
+
+def parse_summary(log):
+    """The block after the last '---' line: {key: value string}, asserting the exact layout."""
+    assert "\n---\n" in log, log[-2000:]
+    lines = log.rsplit("\n---\n", 1)[1].rstrip("\n").split("\n")
+    assert [line.split(":")[0] for line in lines] == [key for key, _ in SUMMARY]
+    values = {}
+    for line, (key, pattern) in zip(lines, SUMMARY):
+        assert line[:18] == f"{key}:".ljust(18), repr(line)
+        assert re.fullmatch(pattern, line[18:]), repr(line)
+        values[key] = line[18:]
+    return values
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_cache, tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("project"))
+    status, log = run_train(project, tiny_cache.dir)
+    return status, log
+
+
+def test_summary_block_keys_order_spacing_and_formats(baseline):
+    status, log = baseline
+    assert status == 0, log[-3000:]
+    summary = parse_summary(log)
+    steps = int(summary["num_steps"])
+    assert steps > 11
+    assert summary["total_tokens_M"] == f"{steps * 2 * 8 * 64 / 1e6:.1f}"
+    assert summary["depth"] == "2" and summary["num_params_M"] == "1.7"
+    if not torch.cuda.is_available():
+        assert summary["peak_vram_mb"] == "0.0" and summary["mfu_percent"] == "n/a"
+    assert float(summary["total_seconds"]) > float(summary["training_seconds"])
+
+
+def test_training_seconds_match_the_budget(baseline):
+    summary = parse_summary(baseline[1])
+    budget = float(TINY_PREPARE["TIME_BUDGET"])
+    step_times = [int(ms) / 1000 for ms in re.findall(r"dt: (\d+)ms", baseline[1])]
+    assert budget <= float(summary["training_seconds"]) <= budget + max(step_times[11:]) + 0.1
+
+
+def test_val_bpb_is_finite_and_beats_uniform_prediction(baseline, use_cache, tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * 8 * 64)
+    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+    uniform = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=8)  # the run evaluates these tokens
+    val_bpb = float(parse_summary(baseline[1])["val_bpb"])
+    assert math.isfinite(val_bpb) and 0 < val_bpb < 0.9 * uniform
+
+
+def test_progress_and_startup_lines(baseline):
+    log = baseline[1]
+    assert log.startswith("Attention: PyTorch attention") or log.startswith("Attention: Flash Attention 3")
+    assert "because no CUDA device" in log or torch.cuda.is_available()
+    progress = [p for p in log.split("\r") if p.startswith("step ")]
+    assert re.match(r"step 00000 \(0\.0%\) \| loss: \d+\.\d{6} \| lrm: 1\.00 \| dt: \d+ms \| tok/sec: [\d,]+ \| "
+                    r"mfu: (n/a|\d+\.\d%) \| epoch: 1 \| remaining: 5s", progress[0]), progress[0]
+
+
+def test_nan_producing_edit_prints_fail_and_exits_1(tiny_cache, tmp_path):
+    project = make_project(tmp_path / "project")
+    set_constants(os.path.join(project, "train.py"), MATRIX_LR="1e30")
+    status, log = run_train(project, tiny_cache.dir)
+    assert status == 1
+    assert log.rstrip().endswith("FAIL") and "\n---\n" not in log
+    assert len(re.findall(r"step \d{5}", log)) <= 3  # within a few steps
+
+
+@pytest.mark.parametrize("case", ["no cache", "no data", "batch size"])
+def test_startup_errors_are_one_line(case, tiny_cache, tmp_path):
+    project = make_project(tmp_path / "project")
+    cache = tmp_path / "empty"
+    if case == "no data":
+        os.makedirs(cache)
+        os.symlink(tiny_cache.tokenizer_dir, cache / "tokenizer")
+    elif case == "batch size":
+        cache = tiny_cache.dir
+        set_constants(os.path.join(project, "train.py"), DEVICE_BATCH_SIZE="3")
+    status, log = run_train(project, cache)
+    assert status == 1
+    last = log.rstrip("\n").split("\n")[-1]
+    assert "Traceback" not in log, log
+    expected = {
+        "no cache": "error: no tokenizer at",
+        "no data": "error: no train shards in",
+        "batch size": "error: TOTAL_BATCH_SIZE = 1024 is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = 3 * 64; "
+                      "set DEVICE_BATCH_SIZE to one of [1, 2, 4, 8, 16] or TOTAL_BATCH_SIZE to a multiple of 192",
+    }[case]
+    assert last.startswith(expected), last
+    if case != "batch size":
+        assert last.endswith("run `uv run prepare.py` first")
