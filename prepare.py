@@ -123,7 +123,7 @@ def shard_token_slices(path, tokenizer, slice_size=128):
                     docs = np.split(saved["tokens"], np.cumsum(saved["doc_lengths"])[:-1])
         if docs is None:
             texts = read_row_group(path, row_group)
-            docs = [np.array(ids, dtype=np.uint16) for ids in tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())]
+            docs = tokenizer.encode_arrays(texts, prepend=tokenizer.get_bos_token_id())
             os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{cache}.{os.getpid()}.tmp.npz"
             np.savez(tmp, source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
@@ -296,6 +296,20 @@ class Tokenizer:
             prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
             ids = [[prepend_id] + row for row in ids]
         return ids[0] if isinstance(text, str) else ids
+
+    def encode_arrays(self, texts, prepend, num_threads=8):
+        """encode(texts, prepend=...) as uint16 arrays, tokenized in parallel without Python lists of ints."""
+        assert self.enc.n_vocab <= 2**16, "uint16 token arrays need a vocabulary of at most 65536"
+        prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
+
+        def encode_one(text):
+            ids = self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())  # ordinary
+            row = np.empty(len(ids) + 1, dtype=np.uint16)
+            row[0], row[1:] = prepend_id, ids
+            return row
+
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(encode_one, texts))
 
     def decode(self, ids):
         return self.enc.decode(ids)

@@ -69,6 +69,7 @@ def test_fallback_matches_naive_attention(left, n_head, n_kv_head):
     assert_same_forward_backward(fallback, q, k, v, left, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 @pytest.mark.parametrize("n_head,n_kv_head", HEADS)
 @pytest.mark.parametrize("left", [0, 1, T // 2, T - 2])
 def test_flex_block_mask_matches_naive_attention(left, n_head, n_kv_head):

@@ -10,6 +10,7 @@ pieces, documents longer than the 10,000-character cut, and a character budget.
 import os
 import types
 
+import numpy as np
 import pytest
 import rustbpe
 import torch
@@ -57,6 +58,13 @@ def test_round_trip(tokenizer, text):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert all(0 <= i < 8188 for i in ids)
+
+
+def test_encode_arrays_equals_encode_with_prepend(tokenizer):
+    texts = ["plain words", "", "text that spells <|reserved_0|> is ordinary text", "東京 🚀 12345", "x" * 5000]
+    arrays = tokenizer.encode_arrays(texts, prepend="<|reserved_0|>")
+    assert [a.dtype for a in arrays] == [np.uint16] * len(texts)
+    assert [a.tolist() for a in arrays] == tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())
 
 
 def test_numbers_split_into_groups_of_at_most_two_digits(tokenizer):
