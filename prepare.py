@@ -114,7 +114,10 @@ def shard_token_slices(path, tokenizer, slice_size=128):
     cache_dir = os.path.join(TOKENS_DIR, tokenizer.fingerprint, stem)
     stat = os.stat(path)
     source = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)  # a replaced shard invalidates its cache
-    for row_group in range(pq.read_metadata(path).num_row_groups):
+    metadata = pq.read_metadata(path)
+    for row_group in range(metadata.num_row_groups):
+        if metadata.row_group(row_group).num_rows == 0:
+            continue
         cache = os.path.join(cache_dir, f"{row_group:05d}.npz")
         docs = None
         if os.path.exists(cache):
@@ -124,10 +127,14 @@ def shard_token_slices(path, tokenizer, slice_size=128):
         if docs is None:
             texts = read_row_group(path, row_group)
             docs = tokenizer.encode_arrays(texts, prepend=tokenizer.get_bos_token_id())
-            os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{cache}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
-            os.replace(tmp, cache)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                np.savez(tmp, source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
+                os.replace(tmp, cache)
+            except OSError as e:  # the cache only saves time: a full disk must not stop a run
+                remove_quietly(tmp)
+                print(f"warning: token cache not written ({e})", file=sys.stderr)
         for i in range(0, len(docs), slice_size):
             yield docs[i:i + slice_size]
 
@@ -325,10 +332,6 @@ def get_token_bytes(device="cpu"):
 # Dataloader: BOS-aligned best-fit packing, no padding
 # ---------------------------------------------------------------------------
 
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class DocumentBuffer:
     """Tokenized documents waiting to be packed, grouped by length so that a best fit is a bisection.
 
@@ -372,7 +375,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
     The next slices of documents are read (from the token cache, or tokenized) in a background thread
     while rows are packed.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     stream = token_batches(tokenizer, split)
     executor = ThreadPoolExecutor(max_workers=1)  # one worker: slices are read in order
     pending = deque(executor.submit(next, stream) for _ in range(prefetch))
