@@ -36,7 +36,10 @@ def load_flash_attention_3():
     repo = "varunneal/flash-attention-3" if (major, minor) == (9, 0) else "kernels-community/flash-attn3"
     try:
         from kernels import get_kernel
-        return get_kernel(repo).flash_attn_interface.flash_attn_func, repo
+        fa3 = get_kernel(repo).flash_attn_interface.flash_attn_func
+        probe = torch.randn(1, 8, 1, 128, dtype=torch.bfloat16, device="cuda")
+        fa3(probe, probe, probe, causal=True, window_size=(4, 0))  # a build that loads but cannot run here
+        return fa3, repo
     except Exception as e:  # no network, no build for this GPU or torch, no kernels package: fall back
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         return None, f"{repo} did not load ({type(e).__name__}: {reason})"
