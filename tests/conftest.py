@@ -77,9 +77,16 @@ def tiny_cache(tmp_path_factory):
     return SimpleNamespace(dir=cache, data_dir=data_dir, tokenizer_dir=tokenizer_dir, shards=shards)
 
 
+@pytest.fixture(autouse=True)
+def no_home_cache(monkeypatch, tmp_path):
+    """Every test starts with prepare's directories in its own tmp dir, never ~/.cache/autoresearch."""
+    for name in ("DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR"):
+        monkeypatch.setattr(prepare, name, str(tmp_path / "cache" / name.lower()))
+
+
 @pytest.fixture
 def use_cache(monkeypatch, tiny_cache):
-    """Point prepare at the tiny cache for one test."""
+    """Point prepare at the tiny cache for one test (a token cache of its own)."""
     monkeypatch.setattr(prepare, "DATA_DIR", tiny_cache.data_dir)
     monkeypatch.setattr(prepare, "TOKENIZER_DIR", tiny_cache.tokenizer_dir)
     return tiny_cache

@@ -76,7 +76,6 @@ def small_corpus(tokenizer, tmp_path, monkeypatch):
     """Two small training shards: one row group cut into slices 128, 128, 44; row groups of 50 and 20."""
     data = tmp_path / "data"
     monkeypatch.setattr(prepare, "DATA_DIR", str(data))
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
     docs = [make_documents(300, seed=7, mean_words=15), make_documents(70, seed=8, mean_words=15)]
     write_shard(str(data / "shard_00000.parquet"), docs[0], row_group_size=300)
     write_shard(str(data / "shard_00001.parquet"), docs[1], row_group_size=50)
@@ -85,13 +84,13 @@ def small_corpus(tokenizer, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("B,T,buffer_size", [(4, 64, 1000), (3, 200, 50), (2, 16, 7), (1, 500, 1)])
-def test_rows_equal_the_reference_across_an_epoch_boundary(tokenizer, small_corpus, B, T, buffer_size, tmp_path):
+def test_rows_equal_the_reference_across_an_epoch_boundary(tokenizer, small_corpus, B, T, buffer_size):
     n = small_corpus // (B * T) + 5  # one epoch and a bit
     expected = take(reference_dataloader(tokenizer, B, T, "train", buffer_size), n)
     assert expected[-1][2] > expected[0][2]  # the epoch counter moves within the compared batches
     cold = take(prepare.make_dataloader(tokenizer, B, T, "train", buffer_size, device="cpu"), n)
     assert_same_batches(cold, expected)
-    assert os.listdir(tmp_path / "tokens")  # the cold pass filled the token cache
+    assert os.listdir(prepare.TOKENS_DIR)  # the cold pass filled the token cache
     warm = take(prepare.make_dataloader(tokenizer, B, T, "train", buffer_size, device="cpu"), n)
     assert_same_batches(warm, expected)
 
@@ -105,8 +104,7 @@ def _shards():
             for name in sorted(os.listdir(prepare.DATA_DIR)) if name.endswith(".parquet")}
 
 
-def test_every_row_starts_with_bos_and_targets_are_shifted_inputs(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+def test_every_row_starts_with_bos_and_targets_are_shifted_inputs(tokenizer):
     bos = tokenizer.get_bos_token_id()
     loader = prepare.make_dataloader(tokenizer, 8, 96, "train", device="cpu")
     for _ in range(5):
@@ -117,9 +115,8 @@ def test_every_row_starts_with_bos_and_targets_are_shifted_inputs(tokenizer, tmp
         assert epoch == 1
 
 
-def test_rows_are_whole_documents_then_one_cropped_one(tokenizer, tmp_path, monkeypatch):
+def test_rows_are_whole_documents_then_one_cropped_one(tokenizer):
     """Split every row at BOS: all pieces but the last are whole training documents; the last is a prefix."""
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
     bos = tokenizer.get_bos_token_id()
     docs = {tuple([bos] + ids) for shard in _train_docs(tokenizer) for ids in shard}
     x, y, _ = next(prepare.make_dataloader(tokenizer, 16, 128, "train", device="cpu"))
@@ -130,8 +127,7 @@ def test_rows_are_whole_documents_then_one_cropped_one(tokenizer, tmp_path, monk
         assert any(d[:len(pieces[-1])] == pieces[-1] for d in docs)
 
 
-def test_validation_loader_is_deterministic_and_only_reads_the_validation_shard(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
+def test_validation_loader_is_deterministic_and_only_reads_the_validation_shard(tokenizer):
     first = take(prepare.make_dataloader(tokenizer, 4, 64, "val", device="cpu"), 6)
     second = take(prepare.make_dataloader(tokenizer, 4, 64, "val", device="cpu"), 6)
     assert_same_batches(second, first)
@@ -158,7 +154,6 @@ def test_token_cache_ignores_a_replaced_shard(tokenizer, tmp_path, monkeypatch):
     """A shard rewritten with other text must be re-tokenized, not served from the old cache."""
     data = tmp_path / "data"
     monkeypatch.setattr(prepare, "DATA_DIR", str(data))
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
     write_shard(str(data / prepare.VAL_FILENAME), ["alpha beta gamma"] * 20)
     first = next(prepare.make_dataloader(tokenizer, 2, 16, "val", device="cpu"))[0]
     write_shard(str(data / prepare.VAL_FILENAME), ["one two three four five"] * 30)

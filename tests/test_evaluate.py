@@ -46,10 +46,9 @@ class OracleModel(UniformModel):
 
 
 @pytest.fixture
-def small_eval(use_cache, tmp_path, monkeypatch):
+def small_eval(use_cache, monkeypatch):
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", T)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 5 * B * T + 17)  # 5 batches; the remainder is dropped
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
 
 
 def hand_computed_uniform_bpb(tokenizer):

@@ -96,14 +96,7 @@ def spy_bpe(monkeypatch):
     return seen
 
 
-@pytest.fixture
-def fresh_dirs(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", str(tmp_path / "tokenizer"))
-    return tmp_path
-
-
-def test_validation_documents_never_reach_tokenizer_training(fresh_dirs, spy_bpe):
+def test_validation_documents_never_reach_tokenizer_training(spy_bpe):
     long_doc = "x" + " ".join(make_documents(1, seed=5, mean_words=4000))  # longer than the 10,000 cut
     train = [make_documents(1200, seed=1) + [long_doc], make_documents(1200, seed=2)]
     val = [" zqvalonly" * 400] * 50 + make_documents(200, seed=3)
@@ -118,7 +111,7 @@ def test_validation_documents_never_reach_tokenizer_training(fresh_dirs, spy_bpe
     assert len(tokenizer.encode(" zqvalonly")) >= 4
 
 
-def test_training_stops_at_the_character_budget(fresh_dirs, spy_bpe, monkeypatch):
+def test_training_stops_at_the_character_budget(spy_bpe, monkeypatch):
     monkeypatch.setattr(prepare, "TOKENIZER_MAX_CHARS", 50_000)
     monkeypatch.setattr(prepare, "VOCAB_SIZE", 256 + 4 + 100)  # small enough for 50,000 characters
     write_shard(os.path.join(prepare.DATA_DIR, prepare.shard_filename(0)), make_documents(1000, seed=1))
@@ -128,7 +121,7 @@ def test_training_stops_at_the_character_budget(fresh_dirs, spy_bpe, monkeypatch
     assert 50_000 <= total < 50_000 + len(spy_bpe[-1])  # the document that crossed the budget was the last
 
 
-def test_already_trained_is_skipped(fresh_dirs, capsys):
+def test_already_trained_is_skipped(capsys):
     os.makedirs(prepare.TOKENIZER_DIR)
     for name in ("tokenizer.pkl", "token_bytes.pt"):
         open(os.path.join(prepare.TOKENIZER_DIR, name), "wb").close()
@@ -136,7 +129,7 @@ def test_already_trained_is_skipped(fresh_dirs, capsys):
     assert "already trained" in capsys.readouterr().out
 
 
-def test_needs_a_training_shard_and_the_validation_shard(fresh_dirs):
+def test_needs_a_training_shard_and_the_validation_shard():
     write_shard(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME), make_documents(10, seed=3))
     with pytest.raises(SystemExit) as e:
         prepare.train_tokenizer()
@@ -144,7 +137,7 @@ def test_needs_a_training_shard_and_the_validation_shard(fresh_dirs):
     assert not os.path.exists(prepare.TOKENIZER_DIR)
 
 
-def test_too_little_text_is_a_clear_error_and_writes_nothing(fresh_dirs):
+def test_too_little_text_is_a_clear_error_and_writes_nothing():
     write_shard(os.path.join(prepare.DATA_DIR, prepare.shard_filename(0)), ["tiny text"] * 10)
     write_shard(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME), ["tiny"])
     with pytest.raises(SystemExit) as e:
@@ -153,7 +146,7 @@ def test_too_little_text_is_a_clear_error_and_writes_nothing(fresh_dirs):
     assert not os.path.exists(os.path.join(prepare.TOKENIZER_DIR, "tokenizer.pkl"))
 
 
-def test_missing_tokenizer_is_a_one_line_error(fresh_dirs):
+def test_missing_tokenizer_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
         prepare.Tokenizer.from_directory()
     assert "no tokenizer" in str(e.value) and "uv run prepare.py" in str(e.value)

@@ -83,10 +83,9 @@ def test_training_seconds_match_the_budget(baseline):
     assert budget <= float(summary["training_seconds"]) <= budget + max(step_times[11:]) + 0.1
 
 
-def test_val_bpb_is_finite_and_beats_uniform_prediction(baseline, use_cache, tokenizer, monkeypatch, tmp_path):
+def test_val_bpb_is_finite_and_beats_uniform_prediction(baseline, use_cache, tokenizer, monkeypatch):
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * 8 * 64)
-    monkeypatch.setattr(prepare, "TOKENS_DIR", str(tmp_path / "tokens"))
     uniform = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=8)  # the run evaluates these tokens
     val_bpb = float(parse_summary(baseline[1])["val_bpb"])
     assert math.isfinite(val_bpb) and 0 < val_bpb < 0.9 * uniform
