@@ -291,6 +291,10 @@ class Tokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
+    def _token_id(self, token):
+        """A token id, or the id of a special-token string."""
+        return token if isinstance(token, int) else self.enc.encode_single_token(token)
+
     def encode(self, text, prepend=None, num_threads=8):
         """Ordinary encoding of a string or a list of strings; prepend (an id or special token) goes first."""
         if isinstance(text, str):
@@ -300,14 +304,14 @@ class Tokenizer:
         else:
             raise TypeError(f"encode takes a str or a list of str, not {type(text).__name__}")
         if prepend is not None:
-            prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
+            prepend_id = self._token_id(prepend)
             ids = [[prepend_id] + row for row in ids]
         return ids[0] if isinstance(text, str) else ids
 
     def encode_arrays(self, texts, prepend, num_threads=8):
         """encode(texts, prepend=...) as uint16 arrays, tokenized in parallel without Python lists of ints."""
         assert self.enc.n_vocab <= 2**16, "uint16 token arrays need a vocabulary of at most 65536"
-        prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
+        prepend_id = self._token_id(prepend)
 
         def encode_one(text):
             ids = self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())  # ordinary
