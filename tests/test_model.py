@@ -103,7 +103,7 @@ def test_initialisation():
     assert 0.0005 < model.lm_head.weight.std() < 0.002
 
 
-def test_forward_reductions_and_softcap():
+def test_forward_reductions():
     model = tiny_model()
     idx = torch.randint(0, 64, (3, 32))
     targets = torch.randint(0, 64, (3, 32))
@@ -113,10 +113,9 @@ def test_forward_reductions_and_softcap():
         per_token = model(idx, targets, reduction="none")
         mean = model(idx, targets)
     assert logits.shape == (3, 32, 64) and logits.dtype == torch.float32
-    assert logits.abs().max() <= 15
     expected = F.cross_entropy(logits.view(-1, 64), targets.view(-1), ignore_index=-1, reduction="none")
     torch.testing.assert_close(per_token, expected)
-    assert per_token.shape == (96,) and torch.all(per_token[:5] == 0)
+    assert per_token.shape == (96,) and torch.all(per_token[:5] == 0) and torch.all(per_token[5:] > 0)
     torch.testing.assert_close(mean, per_token.sum() / 91)
 
 
