@@ -1,0 +1,189 @@
+"""train.py's schedules and training loop: which steps count, when it stops, what each step is given.
+
+The schedules are checked at chosen points against values worked out by hand, with a warm-up and a
+non-zero final fraction patched in. The loop is train.main() run in-process on the tiny corpus (depth 2,
+sequence 64, a 5-second budget) with a fake clock that advances 0.125 s per forward pass (two micro-steps,
+so every step takes exactly 0.25 s): the number of steps, training_seconds, the progress lines and the
+learning rate, momentum and weight decay handed to the optimizer at every step are then exact. The fast
+fail is checked on a loss that is finite but above 100, and not on one just below it.
+
+    uv run pytest tests/test_loop.py
+"""
+
+import gc
+import io
+import re
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import prepare
+import train
+
+BUDGET, STEP_SECONDS = 3, 0.25
+
+
+# --- schedules ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("progress,expected", [
+    (0.0, 0.0), (0.05, 0.5), (0.1, 1.0),   # warm-up over the first 10 %
+    (0.3, 1.0), (0.6, 1.0),                # flat until the warmdown starts at 1 - 0.4
+    (0.8, 0.55),                           # half-way down: 0.5 + 0.5 * 0.1
+    (0.9, 0.325),                          # a quarter left: 0.25 + 0.75 * 0.1
+    (1.0, 0.1),                            # the final fraction
+])
+def test_lr_multiplier_with_warmup_warmdown_and_final_fraction(monkeypatch, progress, expected):
+    monkeypatch.setattr(train, "WARMUP_RATIO", 0.1)
+    monkeypatch.setattr(train, "WARMDOWN_RATIO", 0.4)
+    monkeypatch.setattr(train, "FINAL_LR_FRAC", 0.1)
+    assert train.get_lr_multiplier(progress) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("progress,expected", [(0.0, 1.0), (0.25, 1.0), (0.5, 1.0), (0.75, 0.5), (1.0, 0.0)])
+def test_lr_multiplier_at_the_defaults(progress, expected):
+    assert train.get_lr_multiplier(progress) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.85), (75, 0.875), (150, 0.90), (300, 0.95), (600, 0.95)])
+def test_muon_momentum_warms_up_over_300_steps(step, expected):
+    assert train.get_muon_momentum(step) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("progress,expected", [(0.0, 0.2), (0.25, 0.15), (0.5, 0.1), (1.0, 0.0)])
+def test_weight_decay_decays_linearly_to_zero(progress, expected):
+    assert train.get_weight_decay(progress) == pytest.approx(expected, abs=1e-12)
+
+
+# --- the loop, in-process on a fake clock ------------------------------------------------------------------
+
+def hand_lr_multiplier(progress, warmup=0.2, warmdown=0.5, final=0.1):
+    if progress < warmup:
+        return progress / warmup
+    if progress < 1 - warmdown:
+        return 1.0
+    return final + (1 - final) * (1 - progress) / warmdown
+
+
+def start_tiny_main(mp, cache, budget=BUDGET):
+    """train.main with the tiny constants, on the CPU, on a clock that only the forward passes move."""
+    mp.setattr(prepare, "DATA_DIR", cache.data_dir)
+    mp.setattr(prepare, "TOKENIZER_DIR", cache.tokenizer_dir)
+    mp.setattr(prepare, "MAX_SEQ_LEN", 64)
+    mp.setattr(prepare, "EVAL_TOKENS", 2 * 2 * 64)
+    for name, value in dict(MAX_SEQ_LEN=64, TIME_BUDGET=budget, DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32,
+                            DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64, WARMUP_RATIO=0.2,
+                            FINAL_LR_FRAC=0.1).items():
+        mp.setattr(train, name, value)
+    mp.setattr(train, "get_device", lambda: train.torch.device("cpu"))
+    mp.setattr(train, "flash_attn_func", train.pytorch_attention)
+    clock = SimpleNamespace(now=1000.0, losses=None, optimizer_calls=[])
+    mp.setattr(train, "time", SimpleNamespace(time=lambda: clock.now, perf_counter=lambda: clock.now))
+    forward = train.GPT.forward
+
+    def timed_forward(self, idx, targets=None, reduction="mean"):
+        clock.now += STEP_SECONDS / 2  # two micro-steps a step
+        loss = forward(self, idx, targets, reduction)
+        if clock.losses is not None and self.training and reduction == "mean":
+            loss = loss - loss.detach() + clock.losses  # the same gradients, a chosen (finite) value
+        return loss
+
+    mp.setattr(train.GPT, "forward", timed_forward)
+    step = train.MuonAdamW.step
+
+    def recording_step(self):
+        clock.optimizer_calls.append([(g["kind"], g["lr"] / g["initial_lr"], g.get("momentum"), g["weight_decay"])
+                                      for g in self.param_groups])
+        return step(self)
+
+    mp.setattr(train.MuonAdamW, "step", recording_step)
+    return clock
+
+
+def run_main(capsys):
+    """train.main(): (exit status, stdout), with the collector restored (main freezes and disables it)."""
+    status = 0
+    try:
+        train.main()
+    except SystemExit as e:
+        status = e.code
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    return status, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def fake_clock_run(tiny_cache):
+    """One whole run: (stdout, the scheduled values of every optimizer step)."""
+    with pytest.MonkeyPatch.context() as mp:
+        clock = start_tiny_main(mp, tiny_cache)
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        try:
+            train.main()
+        finally:
+            gc.enable()
+            gc.unfreeze()
+    return out.getvalue(), clock.optimizer_calls
+
+
+@pytest.fixture
+def tiny_main(tiny_cache, monkeypatch):
+    return start_tiny_main(monkeypatch, tiny_cache)
+
+
+def progress_lines(out):
+    return [dict(step=int(m[0]), pct=float(m[1]), lrm=float(m[2]), dt=int(m[3]), remaining=int(m[4]))
+            for m in re.findall(r"step (\d{5}) \(([\d.]+)%\) \| loss: [\d.]+ \| lrm: ([\d.]+) \| dt: (\d+)ms \| "
+                                r"tok/sec: [\d,]+ \| mfu: n/a \| epoch: \d+ \| remaining: (\d+)s", out)]
+
+
+def summary_values(out):
+    return dict(re.findall(r"^(\w+): +(\S+)$", out.rsplit("\n---\n", 1)[1], flags=re.M))
+
+
+def test_first_eleven_steps_are_not_counted_and_the_loop_stops_at_the_budget(fake_clock_run):
+    out, optimizer_calls = fake_clock_run
+    steps = 11 + BUDGET / STEP_SECONDS  # 11 uncounted, then steps of 0.25 s fill the budget exactly
+    summary = summary_values(out)
+    assert summary["num_steps"] == f"{steps:.0f}"
+    assert summary["training_seconds"] == f"{BUDGET:.1f}"
+    lines = progress_lines(out)
+    assert [line["step"] for line in lines] == list(range(int(steps)))  # one progress line per step
+    assert all(line["dt"] == 250 for line in lines)
+    for line in lines:
+        counted_before = max(0, line["step"] - 11) * STEP_SECONDS
+        assert line["pct"] == pytest.approx(100 * counted_before / BUDGET, abs=0.05)
+        assert line["remaining"] == round(BUDGET - counted_before - (STEP_SECONDS if line["step"] > 10 else 0))
+    assert len(optimizer_calls) == steps
+
+
+def test_each_step_gets_the_scheduled_lr_momentum_and_weight_decay(fake_clock_run):
+    out, optimizer_calls = fake_clock_run
+    lines = progress_lines(out)
+    for step, groups in enumerate(optimizer_calls):
+        progress = max(0, step - 11) * STEP_SECONDS / BUDGET
+        assert lines[step]["lrm"] == pytest.approx(hand_lr_multiplier(progress), abs=0.005)
+        assert {kind for kind, *_ in groups} == {"adamw", "muon"}
+        for kind, lr_ratio, momentum, weight_decay in groups:
+            assert lr_ratio == pytest.approx(hand_lr_multiplier(progress), abs=1e-9), (step, kind)
+            if kind == "muon":
+                assert momentum == pytest.approx(0.85 + 0.1 * step / 300, abs=1e-9), step
+                assert weight_decay == pytest.approx(0.2 * (1 - progress), abs=1e-9), step
+            else:
+                assert weight_decay == 0.0
+
+
+def test_a_finite_loss_above_100_fails_fast(tiny_main, capsys):
+    tiny_main.losses = 100.5
+    status, out = run_main(capsys)
+    assert status == 1 and out.rstrip().endswith("FAIL")
+    assert progress_lines(out) == [] and len(tiny_main.optimizer_calls) == 1  # at the first step
+
+
+def test_a_loss_just_below_100_trains_on(tiny_main, capsys, monkeypatch):
+    monkeypatch.setattr(train, "TIME_BUDGET", 0.5)
+    tiny_main.losses = 99.5
+    status, out = run_main(capsys)
+    assert status == 0 and "FAIL" not in out and summary_values(out)["num_steps"] == "13"
