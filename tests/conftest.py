@@ -100,7 +100,7 @@ def tokenizer(use_cache):
 # --- the project as an agent sees it: a copy with its constants edited down --------------------------------
 
 TINY_PREPARE = dict(MAX_SEQ_LEN="64", TIME_BUDGET="5", EVAL_TOKENS="4 * 8 * 64")
-TINY_TRAIN = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="8", TOTAL_BATCH_SIZE="2 * 8 * 64")
+TINY_TRAIN = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="2 * 2 * 64")
 PROJECT_FILES = ["train.py", "prepare.py", "program.md", "README.md", "pyproject.toml", "uv.lock", ".python-version",
                  ".gitignore"]
 

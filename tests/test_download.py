@@ -23,6 +23,7 @@ import prepare
 from conftest import ROOT, make_documents
 
 PREFIX = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
+PRODUCT_RETRY_WAIT = prepare.RETRY_WAIT  # as the product sets it, before any fixture shortens it
 
 
 def parquet_bytes(docs):
@@ -32,7 +33,8 @@ def parquet_bytes(docs):
 
 
 class ShardServer:
-    """Serves {filename: bytes}; `plan[filename]` lists what the next requests get: 500, 'truncate', 404, 'ok'."""
+    """Serves {filename: bytes}; `plan[filename]` lists what the next requests get: 500, 404, 'ok', 'truncate'
+    (the connection closes half-way through the announced length) or 'corrupt' (half the file, sent whole)."""
 
     def __init__(self, files):
         self.files, self.plan, self.requests = files, {}, []
@@ -49,6 +51,8 @@ class ShardServer:
                     self.send_error(500)
                 else:
                     body = server.files[name]
+                    if action == "corrupt":  # a whole response whose content is half a parquet file
+                        body = body[:len(body) // 2]
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
@@ -166,3 +170,102 @@ def test_cli_downloads_through_hf_endpoint_and_trains_the_tokenizer(tmp_path):
     assert "Data: 3/3 shards ready" in result.stdout and "Tokenizer: 8192 tokens trained" in result.stdout
     assert sorted(os.listdir(tmp_path / "cache" / "data")) == sorted(files)
     assert sorted(os.listdir(tmp_path / "cache" / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl"]
+
+
+# --- retry waits and the moment a shard gets its name --------------------------------------------------------
+
+class InlinePool:
+    """multiprocessing.Pool's part that download_data uses, run in this process so spies see the work."""
+    created = []
+
+    def __init__(self, processes):
+        InlinePool.created.append(processes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items):
+        return [fn(item) for item in items]
+
+
+@pytest.fixture
+def in_process(server, monkeypatch):
+    """Downloads in this process, with the product's 2 s first wait, and every sleep recorded instead of slept."""
+    waits = []
+    InlinePool.created = []
+    monkeypatch.setattr(prepare, "Pool", InlinePool)
+    monkeypatch.setattr(prepare, "RETRY_WAIT", PRODUCT_RETRY_WAIT)
+    monkeypatch.setattr(prepare.time, "sleep", waits.append)
+    return waits
+
+
+@pytest.mark.parametrize("plan,waits", [
+    ([500, "ok"], [2]),
+    ([500, "truncate", 404, "ok"], [2, 4, 8]),
+    ([500, "truncate", 404, 500, 500], [2, 4, 8, 16]),  # five attempts, no wait after the last
+])
+def test_the_wait_doubles_after_each_failed_attempt(server, in_process, plan, waits):
+    server.plan = {"shard_00000.parquet": list(plan)}
+    failed = prepare.download_data(1, download_workers=8)
+    assert in_process == waits
+    assert failed == ([] if plan[-1] == "ok" else ["shard_00000.parquet"])
+    assert server.requests.count("shard_00000.parquet") == len(plan)
+    assert InlinePool.created == [2]  # min(workers, shards missing)
+
+
+@pytest.fixture
+def file_events(monkeypatch):
+    """Every write-open, parquet check and rename done by prepare, in order."""
+    events = []
+    real_open, real_check, real_replace, real_rename = open, prepare.check_parquet, os.replace, os.rename
+
+    def spy_open(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            events.append(("write", os.fspath(path)))
+        return real_open(path, mode, *args, **kwargs)
+
+    def spy_check(path):
+        try:
+            real_check(path)
+        except ValueError:
+            events.append(("check failed", os.fspath(path)))
+            raise
+        events.append(("check passed", os.fspath(path)))
+
+    def spy_move(real):
+        def move(src, dst, *args, **kwargs):
+            events.append(("rename", os.fspath(src), os.fspath(dst)))
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(prepare, "open", spy_open, raising=False)
+    monkeypatch.setattr(prepare, "check_parquet", spy_check)
+    monkeypatch.setattr(os, "replace", spy_move(real_replace))
+    monkeypatch.setattr(os, "rename", spy_move(real_rename))
+    return events
+
+
+def test_a_shard_that_fails_its_check_never_gets_its_final_name(server, in_process, file_events, monkeypatch):
+    final = os.path.join(prepare.DATA_DIR, "shard_00000.parquet")
+    seen_at_waits = []
+    monkeypatch.setattr(prepare.time, "sleep", lambda s: seen_at_waits.append(os.path.exists(final)))
+    server.plan = {"shard_00000.parquet": ["corrupt"] * prepare.DOWNLOAD_ATTEMPTS}
+    assert prepare.download_data(1) == ["shard_00000.parquet"]
+    touching_final = [e for e in file_events if final in e[1:]]
+    assert touching_final == [], touching_final  # never written, renamed to, or checked under its final name
+    assert seen_at_waits == [False] * (prepare.DOWNLOAD_ATTEMPTS - 1) and not os.path.exists(final)
+    assert sum(e[0] == "check failed" for e in file_events) == prepare.DOWNLOAD_ATTEMPTS
+
+
+def test_a_shard_is_renamed_to_its_final_name_only_after_passing_its_check(server, in_process, file_events):
+    final = os.path.join(prepare.DATA_DIR, "shard_00000.parquet")
+    server.plan = {"shard_00000.parquet": ["corrupt", "ok"]}
+    assert prepare.download_data(1) == []
+    renames = [i for i, e in enumerate(file_events) if e[0] == "rename" and e[2] == final]
+    assert len(renames) == 1 and not any(e[0] == "write" and e[1] == final for e in file_events)
+    src = file_events[renames[0]][1]
+    last_check = max(i for i, e in enumerate(file_events[:renames[0]]) if e[1] == src)
+    assert file_events[last_check] == ("check passed", src)  # the last thing that happened to it: a passed check

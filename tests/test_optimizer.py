@@ -103,7 +103,7 @@ def test_muon_three_steps_match_reference(shape, eager_steps):
     params = [torch.nn.Parameter(torch.randn(shape) * 0.5) for _ in range(2)]
     start = [p.detach().clone() for p in params]
     grads_per_step = [[torch.randn(shape) for _ in params] for _ in range(3)]
-    lr, wd, beta2, momentums = 0.1, 0.5, 0.5, [0.85, 0.9, 0.95]  # beta2 far from 1, so its value shows
+    lr, wd, beta2, momentums = 0.1, 0.5, 0.8, [0.85, 0.9, 0.95]  # beta2 far from 1 and from 1 - beta2: both show
     group = dict(kind="muon", params=params, lr=lr, momentum=momentums[0], ns_steps=5, beta2=beta2, weight_decay=wd)
     opt = train.MuonAdamW([group])
     for grads, mu in zip(grads_per_step, momentums):

@@ -69,24 +69,40 @@ def test_summary_block_keys_order_spacing_and_formats(baseline):
     summary = parse_summary(log)
     steps = int(summary["num_steps"])
     assert steps > 11
-    assert summary["total_tokens_M"] == f"{steps * 2 * 8 * 64 / 1e6:.1f}"
+    assert summary["total_tokens_M"] == f"{steps * 2 * 2 * 64 / 1e6:.1f}"
     assert summary["depth"] == "2" and summary["num_params_M"] == "1.7"
     if not torch.cuda.is_available():
         assert summary["peak_vram_mb"] == "0.0" and summary["mfu_percent"] == "n/a"
     assert float(summary["total_seconds"]) > float(summary["training_seconds"])
 
 
-def test_training_seconds_match_the_budget(baseline):
+def progress_lines(log):
+    """(step, percent done, dt in s, seconds remaining) of every progress line of a run."""
+    return [(int(step), float(pct), int(ms) / 1000, int(remaining)) for step, pct, ms, remaining in
+            re.findall(r"\rstep (\d{5}) \(([\d.]+)%\) \| .*? \| dt: (\d+)ms \| .*? \| remaining: (\d+)s", log)]
+
+
+def test_counted_steps_and_training_seconds_match_the_progress_lines(baseline):
+    """Steps 0-10 absorb compilation: uncounted. From step 11 each dt counts, until the budget is reached."""
     summary = parse_summary(baseline[1])
+    lines = progress_lines(baseline[1])
+    n = int(summary["num_steps"])
+    assert [step for step, *_ in lines] == list(range(n))  # one progress line per step, num_steps of them
     budget = float(TINY_PREPARE["TIME_BUDGET"])
-    step_times = [int(ms) / 1000 for ms in re.findall(r"dt: (\d+)ms", baseline[1])]
-    assert budget <= float(summary["training_seconds"]) <= budget + max(step_times[11:]) + 0.1
+    dts = [dt for _, _, dt, _ in lines]
+    rounding = 0.0005 * n  # each dt is printed to the millisecond
+    counted = sum(dts[11:])
+    assert abs(float(summary["training_seconds"]) - counted) <= 0.05 + rounding
+    assert sum(dts[11:-1]) < budget + rounding and counted >= budget - rounding  # stopped at the first step past it
+    for step, pct, _, _ in lines:
+        assert abs(pct - 100 * sum(dts[11:step]) / budget) <= 0.05 + 100 * rounding / budget, step
+    assert all(pct == 0.0 for step, pct, _, _ in lines[:12])
 
 
 def test_val_bpb_is_finite_and_beats_uniform_prediction(baseline, use_cache, tokenizer, monkeypatch):
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * 8 * 64)
-    uniform = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=8)  # the run evaluates these tokens
+    uniform = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=2)  # the run evaluates these tokens
     val_bpb = float(parse_summary(baseline[1])["val_bpb"])
     assert math.isfinite(val_bpb) and 0 < val_bpb < 0.9 * uniform
 
@@ -126,8 +142,8 @@ def test_startup_errors_are_one_line(case, tiny_cache, tmp_path):
     expected = {
         "no cache": "error: no tokenizer at",
         "no data": "error: no train shards in",
-        "batch size": "error: TOTAL_BATCH_SIZE = 1024 is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = 3 * 64; "
-                      "set DEVICE_BATCH_SIZE to one of [1, 2, 4, 8, 16] or TOTAL_BATCH_SIZE to a multiple of 192",
+        "batch size": "error: TOTAL_BATCH_SIZE = 256 is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = 3 * 64; "
+                      "set DEVICE_BATCH_SIZE to one of [1, 2, 4] or TOTAL_BATCH_SIZE to a multiple of 192",
     }[case]
     assert last.startswith(expected), last
     if case != "batch size":
