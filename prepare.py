@@ -12,6 +12,7 @@ Downloads come from $HF_ENDPOINT (default https://huggingface.co), so a mirror c
 
 import argparse
 import bisect
+import gc
 import hashlib
 import math
 import os
@@ -412,28 +413,129 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
         executor.shutdown(wait=False, cancel_futures=True)
 
 # ---------------------------------------------------------------------------
+# The machine: how much memory a run may take, what running out looks like, how fast the CPU does bf16
+# ---------------------------------------------------------------------------
+
+def is_out_of_memory(error):
+    """A failed allocation on any device: CUDA's OutOfMemoryError, the CPU or MPS allocator's RuntimeError."""
+    message = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
+
+
+def _proc_bytes(path, key):
+    """A `key: N kB` line of a /proc file, in bytes; None where there is none (not Linux)."""
+    try:
+        with open(path) as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")), None)
+    except OSError:
+        return None
+
+
+def ram_limit():
+    """RAM this process holds plus what it can still take before the kernel's out-of-memory killer: the
+    system's MemAvailable, or less under a cgroup limit or an address-space limit; None off Linux."""
+    rss, available = _proc_bytes("/proc/self/status", "VmRSS"), _proc_bytes("/proc/meminfo", "MemAvailable")
+    if rss is None or available is None:
+        return None
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as f, open(usage_path) as g:
+                available = min(available, int(f.read()) - int(g.read()))  # "max" (no limit) is a ValueError
+            break
+        except (OSError, ValueError):
+            continue
+    import resource  # Unix only; Linux by now
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        available = min(available, address_space - (_proc_bytes("/proc/self/status", "VmSize") or 0))
+    return rss + max(available, 0)
+
+
+def memory_limit(device):
+    """Bytes a run may hold on its device: the GPU's memory (this process's share of it), the working set
+    MPS recommends, or RAM as ram_limit() sees it."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return total * torch.cuda.get_per_process_memory_fraction(device)
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    return ram_limit()
+
+
+def peak_memory(device):
+    """Most memory the process has held on the device: CUDA's peak, MPS's driver allocation (its cache keeps
+    the peak), the CPU's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory()
+    return _proc_bytes("/proc/self/status", "VmHWM")
+
+
+def release_memory(device):
+    """Hand cached blocks back after a failed allocation, so the next, smaller attempt can have them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def bf16_slowdown():
+    """How many times slower a bf16 matmul is than a float32 one on this CPU: about 1 or less with bf16
+    instructions (AVX512-BF16, AMX, Arm's BF16), 20 to 50 where bf16 is emulated."""
+    def seconds(x):
+        times = []
+        for _ in range(15):  # the first calls of a process are slow (thread pool, kernel selection): take the best
+            t0 = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    return seconds(a.bfloat16()) / seconds(a)
+
+# ---------------------------------------------------------------------------
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte: summed cross-entropy (nats) of byte-carrying targets / (ln 2 * their bytes).
 
     Independent of the vocabulary size; special tokens (0 bytes) are left out of both sums. The same
-    EVAL_TOKENS tokens from the start of the validation shard every time; runs on the model's device.
+    EVAL_TOKENS // MAX_SEQ_LEN rows from the start of the validation shard every time, whatever the batch
+    size (rows of a last, partial batch past them are not counted); runs on the model's device. A batch
+    that does not fit in memory is halved and the evaluation started again: the number does not change.
     """
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
+    rows = EVAL_TOKENS // MAX_SEQ_LEN
+    while True:
+        try:
+            return _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device)
+        except Exception as e:
+            if batch_size == 1 or not is_out_of_memory(e):
+                raise
+        print(f"Evaluation batch {batch_size} does not fit in memory: using {batch_size // 2}", flush=True)
+        batch_size //= 2
+        release_memory(device)
+
+
+def _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device):
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
-    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
     nats, nbytes = [], []
-    for _ in range(steps):
-        x, y, _ = next(loader)
-        loss = model(x, y, reduction="none").view(-1)   # (B*T,) nats per target
-        target_bytes = token_bytes[y.view(-1)]          # (B*T,)
-        nats.append((loss * (target_bytes > 0)).sum())
-        nbytes.append(target_bytes.sum())
-    loader.close()
+    try:
+        with torch.no_grad():
+            for start in range(0, rows, batch_size):
+                x, y, _ = next(loader)
+                loss = model(x, y, reduction="none").view(-1)   # (B*T,) nats per target
+                counted = torch.arange(y.numel(), device=device) < (rows - start) * MAX_SEQ_LEN  # (B*T,)
+                target_bytes = token_bytes[y.view(-1)] * counted  # (B*T,)
+                nats.append((loss * (target_bytes > 0)).sum())
+                nbytes.append(target_bytes.sum())
+    finally:
+        loader.close()
     total_nats = sum(t.item() for t in nats)
     total_bytes = sum(t.item() for t in nbytes)
     return total_nats / (math.log(2) * total_bytes)

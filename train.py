@@ -14,6 +14,7 @@ os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import gc
+import importlib.util
 import math
 import sys
 import time
@@ -45,6 +46,7 @@ def load_flash_attention_3():
         return None, f"{repo} did not load ({type(e).__name__}: {reason})"
 
 
+COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # CUDA's compiler is Triton
 _block_masks = {}  # (T, left, device type) -> BlockMask
 
 
@@ -72,9 +74,9 @@ def pytorch_attention(q, k, v, causal=True, window_size=(-1, 0)):
     gqa = q.size(1) != k.size(1)
     if left < 0 or left >= T - 1:  # the window holds the whole causal context: plain causal, no mask
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif q.is_cuda:  # block-sparse: blocks outside the window are skipped
+    elif q.is_cuda and COMPILE:  # block-sparse: blocks outside the window are skipped
         y = flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, left, q.device), enable_gqa=gqa)
-    else:  # MPS and CPU: a dense mask
+    else:  # MPS, CPU and CUDA without Triton: a dense mask
         i = torch.arange(T, device=q.device)
         distance = i[:, None] - i[None, :]  # (T, T) query index minus key index
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= left), enable_gqa=gqa)
@@ -88,8 +90,11 @@ if flash_attn_func is None:
 else:
     attention_backend = f"Flash Attention 3 from {attention_source}"
 print(f"Attention: {attention_backend}", flush=True)
+if torch.cuda.is_available() and not COMPILE:
+    print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader  # noqa: E402
+from prepare import (MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader,  # noqa: E402
+                     bf16_slowdown, is_out_of_memory, memory_limit, peak_memory, release_memory)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -197,8 +202,8 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    @torch.no_grad()
     def init_weights(self):
+        """SPEC's initialisation; torch.nn.init works without gradients, so no decorator is needed."""
         n_embd = self.config.n_embd
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -210,8 +215,8 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
                 torch.nn.init.zeros_(block.attn.ve_gate.weight)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        torch.nn.init.constant_(self.resid_lambdas, 1.0)
+        torch.nn.init.constant_(self.x0_lambdas, 0.1)
         for ve in self.value_embeds.values():
             torch.nn.init.uniform_(ve.weight, -s, s)
         self.transformer.wte.to(dtype=torch.bfloat16)
@@ -302,8 +307,8 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------------------
 
 def compile_on_cuda(fn):
-    """torch.compile on CUDA; eager elsewhere (inductor's CPU backend needs a C++ toolchain and setuptools)."""
-    return torch.compile(fn, dynamic=False, fullgraph=True) if torch.cuda.is_available() else fn
+    """torch.compile on CUDA with Triton; eager elsewhere (inductor's CPU backend needs a C++ toolchain and setuptools)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True) if COMPILE else fn
 
 
 POLAR_EXPRESS_COEFFS = [  # (a, b, c) per orthogonalisation step
@@ -315,8 +320,7 @@ POLAR_EXPRESS_COEFFS = [  # (a, b, c) per orthogonalisation step
 ]
 
 
-@compile_on_cuda
-def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
+def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
     """One AdamW step in place; the hyperparameters are 0-d CPU tensors so new values never recompile."""
     p.mul_(1 - lr_t * wd_t)
     exp_avg.lerp_(grad, (1 - beta1_t).to(exp_avg.dtype))
@@ -327,8 +331,10 @@ def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_
     p.sub_((lr_t / bias_correction1) * exp_avg / denom)
 
 
-@compile_on_cuda
-def muon_step_fused(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
+adamw_step_fused = compile_on_cuda(adamw_step)  # not a decorator, so that mutation testing reaches the maths
+
+
+def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
                     momentum_t, lr_t, wd_t, beta2_t, ns_steps: int, red_dim: int):
     """One Muon step on k same-shape matrices (k, rows, cols): Nesterov, Polar Express, NorMuon, cautious wd."""
     # Nesterov momentum
@@ -359,6 +365,9 @@ def muon_step_fused(stacked_grads, stacked_params, momentum_buffer, second_momen
     wd = wd_t.to(X.dtype)
     mask = (X * stacked_params) >= 0
     stacked_params.sub_(lr * X + lr * wd * stacked_params * mask)
+
+
+muon_step_fused = compile_on_cuda(muon_step)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -412,13 +421,13 @@ class MuonAdamW(torch.optim.Optimizer):
                         t["momentum"], t["muon_lr"], t["muon_wd"], t["muon_beta2"], group["ns_steps"], red_dim)
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
-    @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            if group["kind"] == "adamw":
-                self._step_adamw(group)
-            else:
-                self._step_muon(group)
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group["kind"] == "adamw":
+                    self._step_adamw(group)
+                else:
+                    self._step_muon(group)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags)
@@ -489,6 +498,55 @@ def get_weight_decay(progress):
 
 
 # ---------------------------------------------------------------------------
+# Memory fit: the largest micro-batch that fits, the same tokens per optimizer step
+# ---------------------------------------------------------------------------
+
+def fit_micro_batch(model, device, autocast_ctx, largest, tokens_per_step):
+    """(micro-batch, seconds per micro-step): the largest size <= largest that keeps tokens_per_step exact
+    and fits in memory; (None, None) when not even 1 does.
+
+    A probe is forward and backward on dummy tokens, the optimizer's future state held as ballast. On CUDA
+    a failed allocation raises, so sizes are probed from the largest down. On the CPU and MPS the kernel
+    kills a process that takes too much, so the peak memory of the two smallest sizes is extrapolated
+    against what the machine can give, and a size that does not fit is never allocated."""
+    sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * MAX_SEQ_LEN) == 0]
+    ballast_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # AdamW moments, Muon momentum
+
+    def probe(b, micro_steps):
+        ballast = torch.ones(ballast_bytes, dtype=torch.uint8, device=device)  # written, so really held
+        x = torch.zeros(b, MAX_SEQ_LEN, dtype=torch.long, device=device)
+        try:
+            for _ in range(micro_steps):  # the last one is timed: the first may include compilation
+                synchronize(device)
+                t0 = time.time()
+                with autocast_ctx:
+                    loss = model(x, x)
+                loss.backward()
+                synchronize(device)
+            return time.time() - t0
+        finally:
+            del ballast
+            model.zero_grad(set_to_none=True)
+
+    limit = memory_limit(device)
+    if device.type != "cuda" and limit is not None and len(sizes) > 1:
+        (b2, b1), seconds = sizes[-2:], []
+        seconds.append(probe(b1, 1))
+        peak1 = peak_memory(device)
+        seconds.append(probe(b2, 1))
+        per_sequence = max(peak_memory(device) - peak1, 0) / (b2 - b1)
+        fitting = [b for b in sizes if peak1 + per_sequence * (b - b1) <= 0.85 * limit]
+        return (fitting[0], seconds[1] * fitting[0] / b2) if fitting else (None, None)
+    for b in sizes:
+        try:
+            return b, probe(b, 2)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+        release_memory(device)
+    return None, None
+
+# ---------------------------------------------------------------------------
 # Setup: device, tokenizer, model, optimizer, dataloader
 # ---------------------------------------------------------------------------
 
@@ -498,10 +556,14 @@ def main():
     torch.cuda.manual_seed(42)
     torch.set_float32_matmul_precision("high")
     device = get_device()
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak_flops = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name), None)
     print(f"Device: {device_name} (bf16 peak: {f'{peak_flops / 1e12:.1f} TFLOP/s' if peak_flops else 'unknown, MFU n/a'})")
+    slowdown = bf16_slowdown() if device.type == "cpu" else 1.0
+    bf16 = slowdown < 3  # a CPU without bf16 instructions emulates it, 20-50x slower than float32
+    if not bf16:
+        print(f"CPU without bf16 instructions (bf16 matmuls {slowdown:.0f}x slower than float32): training in float32")
+    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
     if TOTAL_BATCH_SIZE % tokens_per_fwdbwd != 0:
@@ -509,7 +571,6 @@ def main():
         sys.exit(f"error: TOTAL_BATCH_SIZE = {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = "
                  f"{DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN}; set DEVICE_BATCH_SIZE to one of {working or 'none'}"
                  f" or TOTAL_BATCH_SIZE to a multiple of {tokens_per_fwdbwd}")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -524,6 +585,8 @@ def main():
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    if not bf16:
+        model.float()  # the embeddings are stored in bf16
 
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
@@ -535,13 +598,29 @@ def main():
 
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
-    if device.type == "cuda":
+    if COMPILE:
         if flash_attn_func is pytorch_attention:  # FlexAttention masks exist before compilation: no graph breaks
             for left, _ in set(model.window_sizes):
                 sliding_window_block_mask(MAX_SEQ_LEN, left, device)
         model = torch.compile(model, dynamic=False)
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
+    micro_batch, micro_step_seconds = fit_micro_batch(model, device, autocast_ctx, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE)
+    memory_gb = f"{limit / 1e9:.1f} GB" if (limit := memory_limit(device)) else "memory"
+    if micro_batch is None:
+        sys.exit(f"error: not even a micro-batch of 1 sequence of {MAX_SEQ_LEN} tokens fits in {memory_gb}; "
+                 f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
+    grad_accum_steps = TOTAL_BATCH_SIZE // (micro_batch * MAX_SEQ_LEN)
+    if micro_batch < DEVICE_BATCH_SIZE:
+        print(f"DEVICE_BATCH_SIZE {DEVICE_BATCH_SIZE} does not fit in {memory_gb}: using {micro_batch}, "
+              f"{grad_accum_steps} accumulation steps")
+    step_seconds = grad_accum_steps * micro_step_seconds
+    expected_seconds = 11 * step_seconds + max(TIME_BUDGET, step_seconds) + EVAL_TOKENS / TOTAL_BATCH_SIZE * step_seconds / 3
+    if expected_seconds > 2 * TIME_BUDGET:  # 11 uncounted steps, the budget, the evaluation (forward only)
+        print(f"warning: this machine is slow for these settings: about {step_seconds:.1f}s per optimizer step, so this "
+              f"run will take about {expected_seconds / 60:.1f} minutes for a {TIME_BUDGET / 60:.1f}-minute budget "
+              f"(see 'Small machines' in README.md)")
+
+    train_loader = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)  # fetched before the clock starts
 
     print(f"Time budget: {TIME_BUDGET}s")
@@ -622,7 +701,7 @@ def main():
     # ---------------------------------------------------------------------------
 
     with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, micro_batch)
     t_end = time.time()
 
     if peak_flops and total_training_time > 0:

@@ -9,6 +9,7 @@ The references loop over single matrices in the textbook form; the product stack
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -77,9 +78,8 @@ def muon_reference(matrices, grads_per_step, lr, momentums, wd, beta2):
 def eager_steps(monkeypatch):
     """The step functions as written: on a CUDA machine they are compiled, and inductor's fused bf16
     arithmetic rounds differently from the formulas; compiling them is torch's job, the maths is ours."""
-    for name in ("adamw_step_fused", "muon_step_fused"):
-        fn = getattr(train, name)
-        monkeypatch.setattr(train, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+    monkeypatch.setattr(train, "adamw_step_fused", train.adamw_step)
+    monkeypatch.setattr(train, "muon_step_fused", train.muon_step)
 
 
 def test_adamw_two_steps_match_reference(eager_steps):
@@ -157,6 +157,7 @@ def test_setup_optimizer_groups_and_learning_rates():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines cannot be compiled (fullgraph)")
 def test_changing_hyperparameters_does_not_recompile(monkeypatch):
     """Compile both steps (fullgraph: no graph breaks allowed), then change every scheduled value."""
     graphs = []
@@ -166,10 +167,9 @@ def test_changing_hyperparameters_does_not_recompile(monkeypatch):
         return gm.forward
 
     torch._dynamo.reset()
-    for name in ("adamw_step_fused", "muon_step_fused"):
-        fn = getattr(train, name)
-        fn = getattr(fn, "_torchdynamo_orig_callable", fn)  # on CUDA it is already compiled
-        monkeypatch.setattr(train, name, torch.compile(fn, backend=counting_backend, fullgraph=True, dynamic=False))
+    for name in ("adamw_step", "muon_step"):
+        compiled = torch.compile(getattr(train, name), backend=counting_backend, fullgraph=True, dynamic=False)
+        monkeypatch.setattr(train, f"{name}_fused", compiled)
     a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(8, 4))
     opt = train.MuonAdamW([
         dict(kind="adamw", params=[a], lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
