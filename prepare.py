@@ -12,6 +12,7 @@ Downloads come from $HF_ENDPOINT (default https://huggingface.co), so a mirror c
 
 import argparse
 import bisect
+import ctypes
 import gc
 import hashlib
 import math
@@ -432,11 +433,29 @@ def _proc_bytes(path, key):
         return None
 
 
-def ram_limit():
-    """RAM this process holds plus what it can still take before the kernel's out-of-memory killer: the
-    system's MemAvailable, or less under a cgroup limit or an address-space limit; None off Linux."""
-    rss, available = _proc_bytes("/proc/self/status", "VmRSS"), _proc_bytes("/proc/meminfo", "MemAvailable")
-    if rss is None or available is None:
+def address_space_limit():
+    """The soft limit on this process's address space (`ulimit -v`), or None: beyond it allocations fail."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def memory_limit(device):
+    """Bytes a run may hold on its device, in peak_memory()'s terms: the GPU's memory (this process's share),
+    the working set MPS recommends, or the CPU's RAM: what the process holds plus the system's MemAvailable
+    (less under a cgroup limit), counted in address space when an address-space limit is lower. None where
+    it cannot be read (a CPU off Linux)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return total * torch.cuda.get_per_process_memory_fraction(device)
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    rss, size = _proc_bytes("/proc/self/status", "VmRSS"), _proc_bytes("/proc/self/status", "VmSize")
+    if None in (available, rss, size):
         return None
     for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
@@ -446,32 +465,20 @@ def ram_limit():
             break
         except (OSError, ValueError):
             continue
-    import resource  # Unix only; Linux by now
-    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if address_space != resource.RLIM_INFINITY:
-        available = min(available, address_space - (_proc_bytes("/proc/self/status", "VmSize") or 0))
-    return rss + max(available, 0)
-
-
-def memory_limit(device):
-    """Bytes a run may hold on its device: the GPU's memory (this process's share of it), the working set
-    MPS recommends, or RAM as ram_limit() sees it."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return total * torch.cuda.get_per_process_memory_fraction(device)
-    if device.type == "mps":
-        return torch.mps.recommended_max_memory()
-    return ram_limit()
+    available = max(available, 0)
+    if address_space_limit() is not None:
+        return min(address_space_limit(), size + available)
+    return rss + available
 
 
 def peak_memory(device):
     """Most memory the process has held on the device: CUDA's peak, MPS's driver allocation (its cache keeps
-    the peak), the CPU's peak resident set."""
+    the peak), the CPU's peak resident set (or peak address space, under an address-space limit)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     if device.type == "mps":
         return torch.mps.driver_allocated_memory()
-    return _proc_bytes("/proc/self/status", "VmHWM")
+    return _proc_bytes("/proc/self/status", "VmHWM" if address_space_limit() is None else "VmPeak")
 
 
 def release_memory(device):
@@ -481,6 +488,21 @@ def release_memory(device):
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def keep_freed_memory():
+    """Make glibc serve large tensors from its heap and keep what is freed for the next step, instead of handing
+    every large block back to the kernel and faulting it in again: a CPU run otherwise spends about half its
+    time in the kernel. The peak resident memory rises (the memory fit measures it). False off glibc, and
+    under an address-space limit, where memory kept is address space lost."""
+    if address_space_limit() is not None:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (malloc.h)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def bf16_slowdown():

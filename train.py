@@ -94,7 +94,7 @@ if torch.cuda.is_available() and not COMPILE:
     print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
 
 from prepare import (MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader,  # noqa: E402
-                     bf16_slowdown, is_out_of_memory, memory_limit, peak_memory, release_memory)
+                     bf16_slowdown, is_out_of_memory, keep_freed_memory, memory_limit, peak_memory, release_memory)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -501,50 +501,64 @@ def get_weight_decay(progress):
 # Memory fit: the largest micro-batch that fits, the same tokens per optimizer step
 # ---------------------------------------------------------------------------
 
-def fit_micro_batch(model, device, autocast_ctx, largest, tokens_per_step):
-    """(micro-batch, seconds per micro-step): the largest size <= largest that keeps tokens_per_step exact
-    and fits in memory; (None, None) when not even 1 does.
+def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, tokens_per_step):
+    """The largest micro-batch <= largest that keeps tokens_per_step exact and fits in memory, as (size, its
+    train loader, the loader's first batch, seconds per micro-step); None when not even 1 fits.
 
-    A probe is forward and backward on dummy tokens, the optimizer's future state held as ballast. On CUDA
-    a failed allocation raises, so sizes are probed from the largest down. On the CPU and MPS the kernel
-    kills a process that takes too much, so the peak memory of the two smallest sizes is extrapolated
-    against what the machine can give, and a size that does not fit is never allocated."""
+    A probe is a whole optimizer step on the first batch of a train loader of that size, taken with a
+    learning rate of 0: the optimizer's state and temporaries are allocated, no weight changes, and the state
+    is dropped after. Sizes are probed from the largest down; one whose allocation fails is skipped. On the
+    CPU and MPS the kernel kills a process that takes too much instead, so there the peak memory of the two
+    smallest sizes is first extrapolated against what the machine can give, and a size that would not fit
+    is never tried."""
     sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * MAX_SEQ_LEN) == 0]
-    ballast_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # AdamW moments, Muon momentum
 
     def probe(b, micro_steps):
-        ballast = torch.ones(ballast_bytes, dtype=torch.uint8, device=device)  # written, so really held
-        x = torch.zeros(b, MAX_SEQ_LEN, dtype=torch.long, device=device)
+        """(loader, first batch, seconds of the last micro-step), or None when b ran out of memory."""
+        loader = make_dataloader(tokenizer, b, MAX_SEQ_LEN, "train", device=device)
         try:
+            x, y, _ = batch = next(loader)
             for _ in range(micro_steps):  # the last one is timed: the first may include compilation
                 synchronize(device)
                 t0 = time.time()
                 with autocast_ctx:
-                    loss = model(x, x)
+                    loss = model(x, y)
                 loss.backward()
                 synchronize(device)
-            return time.time() - t0
-        finally:
-            del ballast
-            model.zero_grad(set_to_none=True)
-
-    limit = memory_limit(device)
-    if device.type != "cuda" and limit is not None and len(sizes) > 1:
-        (b2, b1), seconds = sizes[-2:], []
-        seconds.append(probe(b1, 1))
-        peak1 = peak_memory(device)
-        seconds.append(probe(b2, 1))
-        per_sequence = max(peak_memory(device) - peak1, 0) / (b2 - b1)
-        fitting = [b for b in sizes if peak1 + per_sequence * (b - b1) <= 0.85 * limit]
-        return (fitting[0], seconds[1] * fitting[0] / b2) if fitting else (None, None)
-    for b in sizes:
-        try:
-            return b, probe(b, 2)
+            seconds = time.time() - t0
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0  # the training loop sets every group's lr before each step
+            optimizer.step()
+            return loader, batch, seconds
         except Exception as e:
+            loader.close()
             if not is_out_of_memory(e):
                 raise
+        finally:
+            optimizer.state.clear()
+            model.zero_grad(set_to_none=True)
         release_memory(device)
-    return None, None
+        return None
+
+    limit = memory_limit(device)
+    if device.type != "cuda" and limit is not None and len(sizes) > 1:  # never try a size that would not fit
+        b2, b1 = sizes[-2:]
+        peaks = []
+        for b in (b1, b2):
+            if (fit := probe(b, 1)) is None:
+                break
+            fit[0].close()
+            peaks.append(peak_memory(device))
+        if len(peaks) < 2:
+            sizes = sizes[-len(peaks):] if peaks else []
+        else:
+            per_sequence = max(peaks[1] - peaks[0], 0) / (b2 - b1)
+            headroom = 0.85 * (limit - peaks[0])  # a margin for fragmentation and what the probes do not do
+            sizes = [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= headroom]
+    for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
+        if (fit := probe(b, 2)) is not None:
+            return (b, *fit)
+    return None
 
 # ---------------------------------------------------------------------------
 # Setup: device, tokenizer, model, optimizer, dataloader
@@ -559,6 +573,8 @@ def main():
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak_flops = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name), None)
     print(f"Device: {device_name} (bf16 peak: {f'{peak_flops / 1e12:.1f} TFLOP/s' if peak_flops else 'unknown, MFU n/a'})")
+    if device.type == "cpu":
+        keep_freed_memory()  # glibc: no unmapping and re-faulting of every large tensor at every step
     slowdown = bf16_slowdown() if device.type == "cpu" else 1.0
     bf16 = slowdown < 3  # a CPU without bf16 instructions emulates it, 20-50x slower than float32
     if not bf16:
@@ -604,11 +620,12 @@ def main():
                 sliding_window_block_mask(MAX_SEQ_LEN, left, device)
         model = torch.compile(model, dynamic=False)
 
-    micro_batch, micro_step_seconds = fit_micro_batch(model, device, autocast_ctx, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE)
+    fit = fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE)
     memory_gb = f"{limit / 1e9:.1f} GB" if (limit := memory_limit(device)) else "memory"
-    if micro_batch is None:
+    if fit is None:
         sys.exit(f"error: not even a micro-batch of 1 sequence of {MAX_SEQ_LEN} tokens fits in {memory_gb}; "
                  f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
+    micro_batch, train_loader, (x, y, epoch), micro_step_seconds = fit  # first batch fetched before the clock
     grad_accum_steps = TOTAL_BATCH_SIZE // (micro_batch * MAX_SEQ_LEN)
     if micro_batch < DEVICE_BATCH_SIZE:
         print(f"DEVICE_BATCH_SIZE {DEVICE_BATCH_SIZE} does not fit in {memory_gb}: using {micro_batch}, "
@@ -619,9 +636,6 @@ def main():
         print(f"warning: this machine is slow for these settings: about {step_seconds:.1f}s per optimizer step, so this "
               f"run will take about {expected_seconds / 60:.1f} minutes for a {TIME_BUDGET / 60:.1f}-minute budget "
               f"(see 'Small machines' in README.md)")
-
-    train_loader = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device)
-    x, y, epoch = next(train_loader)  # fetched before the clock starts
 
     print(f"Time budget: {TIME_BUDGET}s")
     print(f"Gradient accumulation steps: {grad_accum_steps}")

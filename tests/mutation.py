@@ -10,6 +10,7 @@ redoes what changed. Afterwards `uv run --group mutation mutmut results` lists t
 `uv run --group mutation mutmut show NAME` shows one. Not part of CI: too slow for 2 cores.
 """
 
+import os
 import subprocess
 import sys
 
@@ -37,4 +38,5 @@ if __name__ == "__main__":
     unknown = [p for p in parts if p not in SCOPE]
     if unknown:
         sys.exit(f"error: unknown part {', '.join(unknown)}; choose from {', '.join(SCOPE)}")
-    sys.exit(subprocess.call(["mutmut", "run", *patterns(parts)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per mutant worker: mutmut runs one worker per core
+    sys.exit(subprocess.call(["mutmut", "run", *patterns(parts)], env=env))

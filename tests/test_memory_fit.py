@@ -1,0 +1,259 @@
+"""The memory fit: train.py shrinks the micro-batch until it fits and accumulates more, with the same maths.
+
+train.main() runs in-process on the tiny corpus (tests/test_loop.py's fake clock). A test double makes
+forward passes above a given micro-batch fail with the error each device raises (CUDA's
+OutOfMemoryError, the CPU allocator's and MPS's RuntimeError): the fit must pick the largest size that
+works among those that keep TOTAL_BATCH_SIZE exact, say so in one line, and the parameters after the first
+optimizer step must equal those of a run that never ran out. Where running out kills instead of raising
+(CPU, MPS), the fit extrapolates two small probes against the memory limit and never tries a size that
+would not fit. When nothing fits: one line and exit 1. evaluate_bpb gives the same number at any batch
+size and halves a batch that does not fit. Last, a real run under an address-space limit (ulimit -v).
+
+    uv run pytest tests/test_memory_fit.py
+"""
+
+import gc
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare
+import train
+from conftest import TINY_PREPARE, make_project, set_constants
+from test_loop import in_memory_fit, run_main, start_tiny_main
+from test_train_run import parse_summary, progress_lines
+
+OUT_OF_MEMORY = {  # what each device raises when an allocation fails
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                           "of 23.99 GiB of which 1.02 GiB is free."),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:124] err == 0. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
+    "mps": lambda: RuntimeError("MPS backend out of memory (MPS allocated: 18.13 GB, other allocations: 1.25 GB, max "
+                                "allowed: 20.13 GB). Tried to allocate 2.00 GB on private pool."),
+}
+TOTAL = 4 * 64  # tokens per optimizer step: micro-batches 4, 2 or 1 of 64 tokens keep it exact
+
+
+class FirstStepDone(Exception):
+    pass
+
+
+def fail_above(mp, fits_up_to, error, seen):
+    """Forward passes of more than `fits_up_to` sequences raise `error()`; every batch size is recorded."""
+    forward = train.GPT.forward
+
+    def forward_or_fail(self, idx, targets=None, reduction="mean"):
+        seen.append(idx.size(0))
+        if fits_up_to is not None and idx.size(0) > fits_up_to:
+            raise error()
+        return forward(self, idx, targets, reduction)
+
+    mp.setattr(train.GPT, "forward", forward_or_fail)
+
+
+def first_step(mp, cache, capsys, device_batch, fits_up_to=None, error=OUT_OF_MEMORY["cpu"], limit=None):
+    """Run train.main to its first optimizer step: (parameters after it, stdout, forward batch sizes)."""
+    start_tiny_main(mp, cache)
+    mp.setattr(train, "DEVICE_BATCH_SIZE", device_batch)
+    mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
+    mp.setattr(train, "memory_limit", lambda device: limit)  # None: no estimate, allocation errors only
+    seen, after = [], []
+    fail_above(mp, fits_up_to, error, seen)
+    step = train.MuonAdamW.step
+
+    def step_then_stop(self):
+        step(self)
+        if in_memory_fit():
+            return
+        after.extend(p.detach().clone() for group in self.param_groups for p in group["params"])
+        raise FirstStepDone
+
+    mp.setattr(train.MuonAdamW, "step", step_then_stop)
+    try:
+        with pytest.raises(FirstStepDone):
+            train.main()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    return after, capsys.readouterr().out, seen
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu", "mps"])
+def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny_cache, capsys, device):
+    with pytest.MonkeyPatch.context() as mp:
+        unconstrained, out, seen = first_step(mp, tiny_cache, capsys, device_batch=4)
+    assert "does not fit" not in out and set(seen) == {4}
+    with pytest.MonkeyPatch.context() as mp:
+        constrained, out, seen = first_step(mp, tiny_cache, capsys, device_batch=4, fits_up_to=1,
+                                            error=OUT_OF_MEMORY[device])
+    assert "DEVICE_BATCH_SIZE 4 does not fit in memory: using 1, 4 accumulation steps\n" in out
+    assert "Gradient accumulation steps: 4\n" in out
+    assert seen[:2] == [4, 2]  # tried from the largest down, only sizes that keep TOTAL_BATCH_SIZE exact
+    assert set(seen[2:]) == {1}  # then the probe and the four micro-steps of the first optimizer step
+    assert len(constrained) == len(unconstrained)
+    for c, u in zip(constrained, unconstrained):
+        torch.testing.assert_close(c, u, rtol=1e-4, atol=1e-6)
+
+
+def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
+    model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    model.float()
+    optimizer = model.setup_optimizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    autocast = torch.autocast("cpu", enabled=False)
+    b, loader, (x, y, epoch), seconds = train.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
+                                                              autocast, 4, 4 * 64)
+    loader.close()
+    assert b == 4 and x.shape == (4, 64) and epoch == 1 and seconds > 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+def test_what_the_agent_sets_runs_whenever_it_fits(tiny_cache, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        _, out, seen = first_step(mp, tiny_cache, capsys, device_batch=2, fits_up_to=2)
+    assert "does not fit" not in out and "Gradient accumulation steps: 2\n" in out
+    assert set(seen) == {2}
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        start_tiny_main(mp, tiny_cache)
+        mp.setattr(train, "memory_limit", lambda device: None)
+        fail_above(mp, 0, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x64 and 32x64)"), [])
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            run_main(capsys)
+
+
+def test_when_not_even_one_sequence_fits_one_line_and_exit_1(tiny_cache, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        start_tiny_main(mp, tiny_cache)
+        mp.setattr(train, "memory_limit", lambda device: 24e9)
+        mp.setattr(train, "peak_memory", lambda device: 1e9)
+        fail_above(mp, 0, OUT_OF_MEMORY["mps"], [])
+        status, out = run_main(capsys)
+    assert status == ("error: not even a micro-batch of 1 sequence of 64 tokens fits in 24.0 GB; "
+                      "make the model smaller (DEPTH, ASPECT_RATIO) and run again")
+    assert "Traceback" not in out and "step 00000" not in out
+
+
+@pytest.mark.parametrize("limit_sequences,expected", [(100, 8), (6.5, 4), (3, 2), (1.5, 2)])
+def test_where_running_out_kills_sizes_are_extrapolated_and_never_tried_too_big(tiny_cache, capsys,
+                                                                              limit_sequences, expected):
+    """A fake machine: 1 GB plus 0.25 GB per sequence; the limit holds `limit_sequences` of them once the
+    fit keeps 15 % of the headroom free. Sizes 1 and 2 are probed to measure that; nothing above the choice runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        seen = []
+        start_tiny_main(mp, tiny_cache)
+        mp.setattr(train, "DEVICE_BATCH_SIZE", 8)
+        mp.setattr(train, "TOTAL_BATCH_SIZE", 8 * 64)
+        mp.setattr(train, "memory_limit", lambda device: 1.25e9 + 0.25e9 * (limit_sequences - 1) / 0.85)
+        mp.setattr(train, "peak_memory", lambda device: 1e9 + 0.25e9 * seen[-1])
+        fail_above(mp, None, None, seen)
+        mp.setattr(train, "TIME_BUDGET", 0.01)
+        status, out = run_main(capsys)
+    assert status == 0
+    assert seen[:2] == [1, 2] and max(seen) == expected
+    assert f"Gradient accumulation steps: {8 // expected}\n" in out
+    assert ("does not fit" in out) == (expected < 8)
+
+
+def test_a_slow_machine_is_told_how_long_the_run_will_take(tiny_cache, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        clock = start_tiny_main(mp, tiny_cache)
+        forward = train.GPT.forward
+
+        def slow_forward(self, *args, **kwargs):
+            clock.now += 10 - 0.125  # 10 s a forward pass (the fake clock already adds 0.125)
+            return forward(self, *args, **kwargs)
+
+        mp.setattr(train.GPT, "forward", slow_forward)
+        mp.setattr(train, "TIME_BUDGET", 0.01)  # stop after the uncounted steps
+        status, out = run_main(capsys)
+    # 2 micro-steps of 10 s a step; 11 uncounted steps, one budget step, evaluation 1/3 of a step: 12.33 steps
+    assert status == 0
+    assert ("warning: this machine is slow for these settings: about 20.0s per optimizer step, so this run will "
+            "take about 4.1 minutes for a 0.0-minute budget (see 'Small machines' in README.md)\n") in out
+
+
+def test_a_fast_machine_gets_no_warning(tiny_cache, capsys, monkeypatch):
+    start_tiny_main(monkeypatch, tiny_cache)  # 0.25 s a step against a 3 s budget: about 6 s in all
+    status, out = run_main(capsys)
+    assert status == 0 and "warning" not in out
+
+
+# --- evaluate_bpb at any batch size ---------------------------------------------------------------------
+
+@pytest.fixture
+def random_gpt(use_cache, monkeypatch):
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 32)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 12 * 32 + 5)  # 12 rows
+    monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    model.float()
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero everywhere, so that every row's loss is different
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_evaluate_bpb_is_the_same_at_every_batch_size(tokenizer, random_gpt):
+    values = {b: prepare.evaluate_bpb(random_gpt, tokenizer, b) for b in (1, 2, 3, 4, 5, 7, 12, 16)}
+    for b, value in values.items():
+        assert value == pytest.approx(values[12], rel=1e-6), b  # 5, 7 and 16 end with a partial batch
+    one_row_less = prepare.EVAL_TOKENS - 32
+    prepare.EVAL_TOKENS = one_row_less  # (monkeypatched by the fixture: restored after the test)
+    assert prepare.evaluate_bpb(random_gpt, tokenizer, 4) != pytest.approx(values[12], rel=1e-6)
+
+
+def test_evaluate_bpb_halves_a_batch_that_does_not_fit(tokenizer, random_gpt, monkeypatch, capsys):
+    expected = prepare.evaluate_bpb(random_gpt, tokenizer, 3)
+    seen = []
+    fail_above(monkeypatch, 3, OUT_OF_MEMORY["cuda"], seen)
+    assert prepare.evaluate_bpb(random_gpt, tokenizer, 12) == pytest.approx(expected, rel=1e-6)
+    assert capsys.readouterr().out == ("Evaluation batch 12 does not fit in memory: using 6\n"
+                                       "Evaluation batch 6 does not fit in memory: using 3\n")
+    assert seen[:2] == [12, 6] and set(seen[2:]) == {3}
+
+
+# --- a real run under an address-space limit -------------------------------------------------------------
+
+def peak_address_space(project, cache):
+    """VmPeak (bytes) of a whole tiny run, read by the run itself as it exits."""
+    code = ("import atexit, runpy\n"
+            "atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmPeak')][0]))\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache)))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return int(result.stdout.rsplit("VmPeak:", 1)[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmPeak from /proc (Linux)")
+def test_a_real_run_under_an_address_space_limit_completes_with_a_smaller_micro_batch(tiny_cache, tmp_path):
+    small = make_project(tmp_path / "small")
+    set_constants(os.path.join(small, "train.py"), DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="64 * 64")
+    limit = peak_address_space(small, tiny_cache.dir) + 300 * 2**20  # room for some sequences, far from 128
+    big = make_project(tmp_path / "big")
+    set_constants(os.path.join(big, "train.py"), DEVICE_BATCH_SIZE="128", TOTAL_BATCH_SIZE="128 * 64")
+    result = subprocess.run(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=big, timeout=600,
+                            env=dict(os.environ, AUTORESEARCH_CACHE_DIR=str(tiny_cache.dir)),
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    with open(os.path.join(big, "run.log"), newline="") as f:  # keep the \r of the progress lines
+        log = f.read()
+    assert result.returncode == 0, log[-3000:]
+    line = next(line for line in log.splitlines() if line.startswith("DEVICE_BATCH_SIZE 128 does not fit"))
+    micro_batch = int(line.split("using ")[1].split(",")[0])
+    assert 2 <= micro_batch < 128 and f"{128 // micro_batch} accumulation steps" in line, line
+    summary = parse_summary(log)
+    assert int(summary["num_steps"]) == len(progress_lines(log)) > 11
+    assert float(summary["val_bpb"]) > 0 and float(summary["training_seconds"]) >= float(TINY_PREPARE["TIME_BUDGET"])
