@@ -12,6 +12,7 @@ Downloads come from $HF_ENDPOINT (default https://huggingface.co), so a mirror c
 
 import argparse
 import bisect
+import copy
 import ctypes
 import gc
 import hashlib
@@ -21,6 +22,7 @@ import pickle
 import sys
 import time
 from collections import deque
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from multiprocessing import Pool
@@ -46,6 +48,8 @@ CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.exp
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so each run does not re-tokenize them
+
+JUDGE_LOG = "judge.log"         # evaluate_bpb appends a line per evaluation here, in the directory of the run
 
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -516,11 +520,121 @@ def bf16_slowdown():
             times.append(time.perf_counter() - t0)
         return min(times)
     a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    return seconds(a.bfloat16()) / seconds(a)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread each: a busy machine slows a thread pool far more than one thread
+    try:
+        return seconds(a.bfloat16()) / seconds(a)
+    finally:
+        torch.set_num_threads(threads)
+
+# ---------------------------------------------------------------------------
+# Memory fit: the largest micro-batch that fits, the same tokens per optimizer step
+# ---------------------------------------------------------------------------
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA, MPS); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, tokens_per_step):
+    """The largest micro-batch up to `largest` (train.py's DEVICE_BATCH_SIZE) that keeps tokens_per_step exact
+    and fits in memory: (size, its train loader, the loader's first batch, seconds per micro-step). Says so
+    in one line when it is smaller than `largest`; exits with one line when not even 1 sequence fits.
+
+    A probe is one whole optimizer step (forward and backward on the first batch of a train loader of that
+    size, then the optimizer's step, which allocates its state), after which the weights and the optimizer
+    are restored exactly as they were. Sizes are probed from the largest down; one whose allocation fails is
+    skipped. On the CPU and MPS the kernel kills a process that takes too much instead of failing the
+    allocation, so there the peak memory of the two smallest sizes is first extrapolated against what the
+    machine can give, and a size that would not fit is never tried.
+    """
+    sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * MAX_SEQ_LEN) == 0]
+
+    def probe(b, micro_steps):
+        """(loader, first batch, seconds of the last micro-step), or None when b ran out of memory."""
+        loader = make_dataloader(tokenizer, b, MAX_SEQ_LEN, "train", device=device)
+        weights = [p.detach().clone() for p in model.parameters()]
+        optimizer_state = copy.deepcopy(optimizer.state_dict())
+        try:
+            x, y, _ = batch = next(loader)
+            for _ in range(micro_steps):  # the last one is timed: the first may include compilation
+                synchronize(device)
+                t0 = time.time()
+                with autocast_ctx:
+                    loss = model(x, y)
+                loss.backward()
+                synchronize(device)
+            seconds = time.time() - t0
+            optimizer.step()
+            return loader, batch, seconds
+        except Exception as e:
+            loader.close()
+            if not is_out_of_memory(e):
+                raise
+        finally:
+            with torch.no_grad():
+                for p, w in zip(model.parameters(), weights):
+                    p.copy_(w)
+            optimizer.load_state_dict(optimizer_state)
+            model.zero_grad(set_to_none=True)
+        release_memory(device)
+        return None
+
+    limit = memory_limit(device)
+    if device.type != "cuda" and limit is not None and len(sizes) > 1:  # never try a size that would not fit
+        b2, b1 = sizes[-2:]
+        peaks = []
+        for b in (b1, b2):
+            if (fit := probe(b, 1)) is None:
+                break
+            fit[0].close()
+            peaks.append(peak_memory(device))
+        if len(peaks) < 2:
+            sizes = sizes[-len(peaks):] if peaks else []
+        else:
+            per_sequence = max(peaks[1] - peaks[0], 0) / (b2 - b1)
+            headroom = 0.85 * (limit - peaks[0])  # a margin for fragmentation and what a probe does not do
+            sizes = [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= headroom]
+    memory = f"{limit / 1e9:.1f} GB" if limit else "memory"
+    for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
+        if (fit := probe(b, 2)) is not None:
+            if b < largest:
+                print(f"DEVICE_BATCH_SIZE {largest} does not fit in {memory}: using {b}, "
+                      f"{tokens_per_step // (b * MAX_SEQ_LEN)} accumulation steps", flush=True)
+            return (b, *fit)
+    sys.exit(f"error: not even a micro-batch of 1 sequence of {MAX_SEQ_LEN} tokens fits in {memory}; "
+             f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
 
 # ---------------------------------------------------------------------------
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
+
+def _script_sha256():
+    """sha256 of the script this process runs (train.py), read when prepare is imported: as the run started."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, TypeError):
+        return "-"
+
+
+RUN_SCRIPT_SHA256 = _script_sha256()
+
+
+def log_evaluation(val_bpb, tokens):
+    """The judge's own record, for the morning audit (analysis.py): time, sha256 of the train.py that ran,
+    val_bpb, tokens evaluated; one tab-separated line appended to JUDGE_LOG. Never stops a run."""
+    line = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{RUN_SCRIPT_SHA256}\t{val_bpb:.6f}\t{tokens}\n"
+    try:
+        with open(JUDGE_LOG, "a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError as e:
+        print(f"warning: {JUDGE_LOG} not written ({e}); the morning audit will miss this evaluation", file=sys.stderr)
+
 
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte: summed cross-entropy (nats) of byte-carrying targets / (ln 2 * their bytes).
@@ -529,13 +643,16 @@ def evaluate_bpb(model, tokenizer, batch_size):
     EVAL_TOKENS // MAX_SEQ_LEN rows from the start of the validation shard every time, whatever the batch
     size (rows of a last, partial batch past them are not counted); runs on the model's device. A batch
     that does not fit in memory is halved and the evaluation started again: the number does not change.
+    Each result is also appended to JUDGE_LOG (log_evaluation).
     """
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     rows = EVAL_TOKENS // MAX_SEQ_LEN
     while True:
         try:
-            return _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device)
+            val_bpb = _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device)
+            log_evaluation(val_bpb, rows * MAX_SEQ_LEN)
+            return val_bpb
         except Exception as e:
             if batch_size == 1 or not is_out_of_memory(e):
                 raise

@@ -94,7 +94,7 @@ if torch.cuda.is_available() and not COMPILE:
     print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
 
 from prepare import (MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader,  # noqa: E402
-                     bf16_slowdown, is_out_of_memory, keep_freed_memory, memory_limit, peak_memory, release_memory)
+                     bf16_slowdown, fit_micro_batch, keep_freed_memory, synchronize)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -472,13 +472,6 @@ def get_device():
     return torch.device("cpu")
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def get_lr_multiplier(progress):
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO
@@ -496,69 +489,6 @@ def get_muon_momentum(step):
 def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
-
-# ---------------------------------------------------------------------------
-# Memory fit: the largest micro-batch that fits, the same tokens per optimizer step
-# ---------------------------------------------------------------------------
-
-def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, tokens_per_step):
-    """The largest micro-batch <= largest that keeps tokens_per_step exact and fits in memory, as (size, its
-    train loader, the loader's first batch, seconds per micro-step); None when not even 1 fits.
-
-    A probe is a whole optimizer step on the first batch of a train loader of that size, taken with a
-    learning rate of 0: the optimizer's state and temporaries are allocated, no weight changes, and the state
-    is dropped after. Sizes are probed from the largest down; one whose allocation fails is skipped. On the
-    CPU and MPS the kernel kills a process that takes too much instead, so there the peak memory of the two
-    smallest sizes is first extrapolated against what the machine can give, and a size that would not fit
-    is never tried."""
-    sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * MAX_SEQ_LEN) == 0]
-
-    def probe(b, micro_steps):
-        """(loader, first batch, seconds of the last micro-step), or None when b ran out of memory."""
-        loader = make_dataloader(tokenizer, b, MAX_SEQ_LEN, "train", device=device)
-        try:
-            x, y, _ = batch = next(loader)
-            for _ in range(micro_steps):  # the last one is timed: the first may include compilation
-                synchronize(device)
-                t0 = time.time()
-                with autocast_ctx:
-                    loss = model(x, y)
-                loss.backward()
-                synchronize(device)
-            seconds = time.time() - t0
-            for group in optimizer.param_groups:
-                group["lr"] = 0.0  # the training loop sets every group's lr before each step
-            optimizer.step()
-            return loader, batch, seconds
-        except Exception as e:
-            loader.close()
-            if not is_out_of_memory(e):
-                raise
-        finally:
-            optimizer.state.clear()
-            model.zero_grad(set_to_none=True)
-        release_memory(device)
-        return None
-
-    limit = memory_limit(device)
-    if device.type != "cuda" and limit is not None and len(sizes) > 1:  # never try a size that would not fit
-        b2, b1 = sizes[-2:]
-        peaks = []
-        for b in (b1, b2):
-            if (fit := probe(b, 1)) is None:
-                break
-            fit[0].close()
-            peaks.append(peak_memory(device))
-        if len(peaks) < 2:
-            sizes = sizes[-len(peaks):] if peaks else []
-        else:
-            per_sequence = max(peaks[1] - peaks[0], 0) / (b2 - b1)
-            headroom = 0.85 * (limit - peaks[0])  # a margin for fragmentation and what the probes do not do
-            sizes = [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= headroom]
-    for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
-        if (fit := probe(b, 2)) is not None:
-            return (b, *fit)
-    return None
 
 # ---------------------------------------------------------------------------
 # Setup: device, tokenizer, model, optimizer, dataloader
@@ -620,16 +550,10 @@ def main():
                 sliding_window_block_mask(MAX_SEQ_LEN, left, device)
         model = torch.compile(model, dynamic=False)
 
-    fit = fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE)
-    memory_gb = f"{limit / 1e9:.1f} GB" if (limit := memory_limit(device)) else "memory"
-    if fit is None:
-        sys.exit(f"error: not even a micro-batch of 1 sequence of {MAX_SEQ_LEN} tokens fits in {memory_gb}; "
-                 f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
-    micro_batch, train_loader, (x, y, epoch), micro_step_seconds = fit  # first batch fetched before the clock
+    # the largest micro-batch up to DEVICE_BATCH_SIZE that fits; the first batch is fetched before the clock
+    micro_batch, train_loader, (x, y, epoch), micro_step_seconds = fit_micro_batch(
+        model, optimizer, tokenizer, device, autocast_ctx, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE)
     grad_accum_steps = TOTAL_BATCH_SIZE // (micro_batch * MAX_SEQ_LEN)
-    if micro_batch < DEVICE_BATCH_SIZE:
-        print(f"DEVICE_BATCH_SIZE {DEVICE_BATCH_SIZE} does not fit in {memory_gb}: using {micro_batch}, "
-              f"{grad_accum_steps} accumulation steps")
     step_seconds = grad_accum_steps * micro_step_seconds
     expected_seconds = 11 * step_seconds + max(TIME_BUDGET, step_seconds) + EVAL_TOKENS / TOTAL_BATCH_SIZE * step_seconds / 3
     if expected_seconds > 2 * TIME_BUDGET:  # 11 uncounted steps, the budget, the evaluation (forward only)

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -79,9 +80,11 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_home_cache(monkeypatch, tmp_path):
-    """Every test starts with prepare's directories in its own tmp dir, never ~/.cache/autoresearch."""
+    """Every test starts with prepare's directories (and the judge's log) in its own tmp dir, never
+    ~/.cache/autoresearch or the working directory."""
     for name in ("DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR"):
         monkeypatch.setattr(prepare, name, str(tmp_path / "cache" / name.lower()))
+    monkeypatch.setattr(prepare, "JUDGE_LOG", str(tmp_path / "judge.log"))  # not the working directory
 
 
 @pytest.fixture
@@ -101,8 +104,8 @@ def tokenizer(use_cache):
 
 TINY_PREPARE = dict(MAX_SEQ_LEN="64", TIME_BUDGET="5", EVAL_TOKENS="4 * 8 * 64")
 TINY_TRAIN = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="2 * 2 * 64")
-PROJECT_FILES = ["train.py", "prepare.py", "program.md", "README.md", "pyproject.toml", "uv.lock", ".python-version",
-                 ".gitignore"]
+PROJECT_FILES = ["train.py", "prepare.py", "analysis.py", "program.md", "README.md", "pyproject.toml", "uv.lock",
+                 ".python-version", ".gitignore"]
 
 
 def set_constants(path, **values):
@@ -126,3 +129,99 @@ def make_project(directory, prepare_constants=TINY_PREPARE, train_constants=TINY
     set_constants(os.path.join(directory, "prepare.py"), **prepare_constants)
     set_constants(os.path.join(directory, "train.py"), **train_constants)
     return directory
+
+
+# --- the agent, as program.md describes it, and one scripted night ------------------------------------------
+
+with open(os.path.join(ROOT, "program.md")) as f:
+    PROGRAM = f.read()
+CODE_LINES = [line for block in re.findall(r"```\n(.*?)```", PROGRAM, flags=re.S) for line in block.splitlines()]
+
+
+def command(prefix):
+    """The one code line of program.md that starts with `prefix`."""
+    found = sorted({line for line in CODE_LINES if line.startswith(prefix)})
+    assert len(found) == 1, f"program.md should show exactly one `{prefix}...` command, found {found}"
+    return found[0]
+
+
+RUN = command("uv run train.py")
+GREP = command("grep ")
+CRASH = command("tail ")
+HEADER = command("commit\t")
+RESET = re.search(r"`(git reset --hard [^`]+)`", PROGRAM).group(1)
+
+
+class Agent:
+    """Does what program.md says, in a shell, in the project directory."""
+
+    def __init__(self, project, cache_dir):
+        self.project = project
+        self.env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), UV_NO_SYNC="1", UV_FROZEN="1",
+                        UV_PROJECT_ENVIRONMENT=sys.prefix)  # the already-synced environment, left untouched
+        self.uv = os.environ.get("UV") or shutil.which("uv")
+
+    def sh(self, cmd, check=True):
+        if cmd.startswith("uv run ") and not self.uv:
+            cmd = f"{sys.executable} {cmd[len('uv run '):]}"  # the same command without uv on PATH
+        result = subprocess.run(cmd, shell=True, cwd=self.project, env=self.env, capture_output=True, text=True,
+                                timeout=600)
+        assert not check or result.returncode == 0, f"{cmd}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def git(self, *args):
+        return self.sh("git " + " ".join(args)).strip()
+
+    def experiment(self, description, edit=None):
+        """Edit, commit, run, read the result, log it; keep or reset. Returns (status, val_bpb, tail)."""
+        start = self.git("rev-parse", "HEAD")
+        if edit:
+            edit(os.path.join(self.project, "train.py"))
+            self.git("commit", "-qam", f"'{description}'")
+        commit = self.git("rev-parse", "--short=7", "HEAD")
+        self.sh(RUN, check=False)
+        result = self.sh(GREP, check=False)
+        tail = ""
+        values = dict(re.findall(r"^(val_bpb|peak_vram_mb):\s+(\S+)$", result, flags=re.M))
+        if not values:
+            tail = self.sh(CRASH)
+            status, val_bpb, memory_gb = "crash", 0.0, 0.0
+        else:
+            val_bpb, memory_gb = float(values["val_bpb"]), float(values["peak_vram_mb"]) / 1024
+            status = "keep" if edit is None or val_bpb < self.best else "discard"
+        with open(os.path.join(self.project, "results.tsv"), "a") as f:
+            f.write(f"{commit}\t{val_bpb:.6f}\t{memory_gb:.1f}\t{status}\t{description}\n")
+        if status == "keep":
+            self.best = val_bpb
+        else:
+            self.sh(RESET)
+            assert self.git("rev-parse", "HEAD") == start
+        return status, val_bpb, tail
+
+
+@pytest.fixture(scope="session")
+def night(tiny_cache, tmp_path_factory):
+    """One scripted night, shared by the contract and the morning report: setup, baseline, a worse idea,
+    a syntax error, a divergence. Tests that change the project work on a copy (copy_night)."""
+    project = str(make_project(tmp_path_factory.mktemp("agent") / "autoresearch"))
+    agent = Agent(project, tiny_cache.dir)
+    agent.git("init", "-q", "-b", "main")
+    agent.git("add", "-A")
+    agent.git("-c", "user.name=human", "-c", "user.email=h@example.com", "commit", "-qm", "'the project'")
+    agent.git("config", "user.name", "agent")
+    agent.git("config", "user.email", "agent@example.com")
+    # setup, as program.md lists it
+    assert agent.git("branch", "--list", "'autoresearch/*'") == ""
+    agent.git("checkout", "-q", "-b", "autoresearch/nov22", "main")
+    assert {"data", "tokenizer"} <= set(os.listdir(tiny_cache.dir))
+    with open(os.path.join(project, "results.tsv"), "w") as f:
+        f.write(HEADER + "\n")
+    baseline_commit = agent.git("rev-parse", "HEAD")
+    runs = {
+        "baseline": agent.experiment("baseline"),
+        "worse": agent.experiment("learning rates to zero",
+                                  lambda p: set_constants(p, MATRIX_LR="0.0", EMBEDDING_LR="0.0", UNEMBEDDING_LR="0.0")),
+        "syntax": agent.experiment("half-written edit", lambda p: open(p, "a").write("\ndef broken(:\n")),
+        "nan": agent.experiment("MATRIX_LR 1e30", lambda p: set_constants(p, MATRIX_LR="1e30")),
+    }
+    return agent, runs, baseline_commit

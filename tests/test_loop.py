@@ -14,6 +14,7 @@ import gc
 import io
 import re
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -66,7 +67,7 @@ def hand_lr_multiplier(progress, warmup=0.2, warmdown=0.5, final=0.1):
 
 
 def in_memory_fit():
-    """Whether train.fit_micro_batch's probe is on the call stack (its optimizer steps have learning rate 0)."""
+    """Whether prepare.fit_micro_batch's probe is on the call stack (its optimizer steps are undone)."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "probe":
         frame = frame.f_back
@@ -86,7 +87,9 @@ def start_tiny_main(mp, cache, budget=BUDGET):
     mp.setattr(train, "get_device", lambda: train.torch.device("cpu"))
     mp.setattr(train, "flash_attn_func", train.pytorch_attention)
     clock = SimpleNamespace(now=1000.0, losses=None, optimizer_calls=[])
-    mp.setattr(train, "time", SimpleNamespace(time=lambda: clock.now, perf_counter=lambda: clock.now))
+    fake_time = SimpleNamespace(time=lambda: clock.now, perf_counter=time.perf_counter, sleep=time.sleep)
+    mp.setattr(train, "time", fake_time)
+    mp.setattr(prepare, "time", fake_time)  # the memory fit times its probes
     forward = train.GPT.forward
 
     def timed_forward(self, idx, targets=None, reduction="mean"):

@@ -60,7 +60,7 @@ def first_step(mp, cache, capsys, device_batch, fits_up_to=None, error=OUT_OF_ME
     start_tiny_main(mp, cache)
     mp.setattr(train, "DEVICE_BATCH_SIZE", device_batch)
     mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
-    mp.setattr(train, "memory_limit", lambda device: limit)  # None: no estimate, allocation errors only
+    mp.setattr(prepare, "memory_limit", lambda device: limit)  # None: no estimate, allocation errors only
     seen, after = [], []
     fail_above(mp, fits_up_to, error, seen)
     step = train.MuonAdamW.step
@@ -100,7 +100,7 @@ def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny
 
 
 def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
-    monkeypatch.setattr(train, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
@@ -108,12 +108,13 @@ def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, 
     optimizer = model.setup_optimizer()
     before = [p.detach().clone() for p in model.parameters()]
     autocast = torch.autocast("cpu", enabled=False)
-    b, loader, (x, y, epoch), seconds = train.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
-                                                              autocast, 4, 4 * 64)
+    b, loader, (x, y, epoch), seconds = prepare.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
+                                                                autocast, 4, 4 * 64)
     loader.close()
     assert b == 4 and x.shape == (4, 64) and epoch == 1 and seconds > 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    assert [g["lr"] for g in optimizer.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
 
 
 def test_what_the_agent_sets_runs_whenever_it_fits(tiny_cache, capsys):
@@ -126,7 +127,7 @@ def test_what_the_agent_sets_runs_whenever_it_fits(tiny_cache, capsys):
 def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys):
     with pytest.MonkeyPatch.context() as mp:
         start_tiny_main(mp, tiny_cache)
-        mp.setattr(train, "memory_limit", lambda device: None)
+        mp.setattr(prepare, "memory_limit", lambda device: None)
         fail_above(mp, 0, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x64 and 32x64)"), [])
         with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
             run_main(capsys)
@@ -135,8 +136,8 @@ def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys)
 def test_when_not_even_one_sequence_fits_one_line_and_exit_1(tiny_cache, capsys):
     with pytest.MonkeyPatch.context() as mp:
         start_tiny_main(mp, tiny_cache)
-        mp.setattr(train, "memory_limit", lambda device: 24e9)
-        mp.setattr(train, "peak_memory", lambda device: 1e9)
+        mp.setattr(prepare, "memory_limit", lambda device: 24e9)
+        mp.setattr(prepare, "peak_memory", lambda device: 1e9)
         fail_above(mp, 0, OUT_OF_MEMORY["mps"], [])
         status, out = run_main(capsys)
     assert status == ("error: not even a micro-batch of 1 sequence of 64 tokens fits in 24.0 GB; "
@@ -154,8 +155,8 @@ def test_where_running_out_kills_sizes_are_extrapolated_and_never_tried_too_big(
         start_tiny_main(mp, tiny_cache)
         mp.setattr(train, "DEVICE_BATCH_SIZE", 8)
         mp.setattr(train, "TOTAL_BATCH_SIZE", 8 * 64)
-        mp.setattr(train, "memory_limit", lambda device: 1.25e9 + 0.25e9 * (limit_sequences - 1) / 0.85)
-        mp.setattr(train, "peak_memory", lambda device: 1e9 + 0.25e9 * seen[-1])
+        mp.setattr(prepare, "memory_limit", lambda device: 1.25e9 + 0.25e9 * (limit_sequences - 1) / 0.85)
+        mp.setattr(prepare, "peak_memory", lambda device: 1e9 + 0.25e9 * seen[-1])
         fail_above(mp, None, None, seen)
         mp.setattr(train, "TIME_BUDGET", 0.01)
         status, out = run_main(capsys)

@@ -1,0 +1,53 @@
+"""The README's settings for small machines, read out of the README so that they cannot rot.
+
+Each "### On a ..." section of "Small machines" holds one python block of constants, marked `# prepare.py`
+and `# train.py`; they must all be assignments the files have. The CPU's settings are then run end to end,
+the agent's way, on the tiny corpus with the budget cut to 10 seconds: the run completes, in float32 or
+bf16 as the CPU allows, and prints the summary block with the model those settings describe.
+
+    uv run pytest tests/test_small_machines.py
+"""
+
+import os
+import re
+
+import pytest
+
+from conftest import ROOT, make_project
+from test_train_run import parse_summary, progress_lines, run_train
+
+with open(os.path.join(ROOT, "README.md")) as f:
+    README = f.read()
+
+
+def settings(machine):
+    """{file: {NAME: value}} from the python block under '### On a <machine>'."""
+    section = re.search(rf"^### On a {machine}\n(.*?)(?=^#{{2,3}} )", README, flags=re.M | re.S)
+    assert section, f"README.md has no '### On a {machine}' section"
+    block = re.search(r"```python\n(.*?)```", section.group(1), flags=re.S).group(1)
+    out, current = {"prepare.py": {}, "train.py": {}}, None
+    for line in block.splitlines():
+        if line.startswith("# "):
+            current = line[2:].strip()
+        else:
+            name, value = (part.strip() for part in line.split("=", 1))
+            out[current][name] = value
+    return out
+
+
+@pytest.mark.parametrize("machine", ["Mac with Apple silicon", "CPU"])
+def test_the_settings_name_constants_the_files_have(machine, tmp_path):
+    values = settings(machine)
+    assert values["train.py"] and set(values) == {"prepare.py", "train.py"}
+    make_project(tmp_path / "project", values["prepare.py"], values["train.py"])  # asserts each name exists once
+
+
+def test_the_cpu_settings_run_end_to_end(tiny_cache, tmp_path):
+    values = settings("CPU")
+    project = make_project(tmp_path / "project", dict(values["prepare.py"], TIME_BUDGET="10"), values["train.py"])
+    status, log = run_train(project, tiny_cache.dir, timeout=900)
+    assert status == 0, log[-3000:]
+    summary = parse_summary(log)
+    assert summary["depth"] == values["train.py"]["DEPTH"] and summary["num_params_M"] == "5.0"
+    assert int(summary["num_steps"]) == len(progress_lines(log)) > 11
+    assert "'sequence_len': 256" in log and "does not fit" not in log
