@@ -19,7 +19,9 @@ import hashlib
 import math
 import os
 import pickle
+import socket
 import sys
+import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
@@ -60,6 +62,7 @@ DOWNLOAD_ATTEMPTS = 5           # per shard
 RETRY_WAIT = 2                  # seconds after the first failed attempt, doubling after each later one
 CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
 DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
+STALE_TEMPORARY = 3600          # seconds after which another machine's temporary file counts as abandoned
 
 # GPT-4's split pattern, with numbers split into groups of at most 2 digits (not 3)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -67,6 +70,83 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]   # every document starts with it
 TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text fed to BPE
 TOKENIZER_DOC_CAP = 10_000      # each document is cut to its first this many characters for BPE
+ROUND_TRIP_SAMPLE = "Hello world! 12345 tokens: café, naïve, 東京, 🚀 done."  # a tokenizer must give it back
+
+# ---------------------------------------------------------------------------
+# Files in the cache: durable, and never half-written under their final name
+# ---------------------------------------------------------------------------
+
+def remove_quietly(*paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def temporary_name(path):
+    """path.<host>.<pid>.<thread>.tmp: unique to this writer, even with runs on other machines sharing the cache."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def write_durably(path, write, check=None):
+    """write(f) into a temporary file, flush and fsync it, check(temporary path) if given, then rename it to
+    path: a crash or power cut leaves the old state or the whole new file, never a part of one."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    try:  # the rename itself reaches the disk with the directory (POSIX only)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def writer_is_gone(name):
+    """True when the temporary file `name` was left by a run that is no longer writing it."""
+    try:
+        stem, pid, _thread, _ = name.rsplit(".", 3)
+        pid = int(pid)
+    except ValueError:
+        return True  # not one of ours, or an older format: nobody writes it any more
+    if stem.endswith("." + socket.gethostname()) and os.name == "posix":
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+    return None  # another machine's: judged by its age
+
+
+def sweep_temporary_files(directory):
+    """Remove the temporary files of runs that died (interrupted downloads, a killed run); never a live one's."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if not (name.endswith(".tmp") or name.endswith(".tmp.npz")):
+                continue
+            path = os.path.join(parent, name)
+            gone = writer_is_gone(name)
+            try:
+                if gone is None:
+                    gone = time.time() - os.path.getmtime(path) > STALE_TEMPORARY
+                if gone:
+                    os.remove(path)
+            except OSError:
+                pass  # removed by another run meanwhile
 
 # ---------------------------------------------------------------------------
 # Shards on disk
@@ -119,30 +199,46 @@ def shard_token_slices(path, tokenizer, slice_size=128):
     stem = os.path.basename(path)[:-len(".parquet")]
     cache_dir = os.path.join(TOKENS_DIR, tokenizer.fingerprint, stem)
     stat = os.stat(path)
-    source = np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)  # a replaced shard invalidates its cache
+    source = np.array([stat.st_size, stat.st_mtime_ns, 0], dtype=np.int64)  # a replaced shard invalidates its cache
     metadata = pq.read_metadata(path)
     for row_group in range(metadata.num_row_groups):
         if metadata.row_group(row_group).num_rows == 0:
             continue
         cache = os.path.join(cache_dir, f"{row_group:05d}.npz")
-        docs = None
-        if os.path.exists(cache):
-            with np.load(cache) as saved:
-                if np.array_equal(saved["source"], source):
-                    docs = np.split(saved["tokens"], np.cumsum(saved["doc_lengths"])[:-1])
+        num_rows = metadata.row_group(row_group).num_rows
+        source[2] = row_group  # and a file copied from another row group is not taken for this one
+        docs = read_token_cache(cache, source, num_rows, tokenizer) if os.path.exists(cache) else None
         if docs is None:
             texts = read_row_group(path, row_group)
             docs = tokenizer.encode_arrays(texts, prepend=tokenizer.get_bos_token_id())
-            tmp = f"{cache}.{os.getpid()}.tmp.npz"
+            arrays = dict(source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                np.savez(tmp, source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
-                os.replace(tmp, cache)
+                write_durably(cache, lambda f: np.savez(f, **arrays))
             except OSError as e:  # the cache only saves time: a full disk must not stop a run
-                remove_quietly(tmp)
                 print(f"warning: token cache not written ({e})", file=sys.stderr)
         for i in range(0, len(docs), slice_size):
             yield docs[i:i + slice_size]
+
+
+def read_token_cache(cache, source, num_rows, tokenizer):
+    """The cached documents of one row group, or None to tokenize it again: when its shard was replaced, or
+    (with one warning line) when the file cannot be read or does not hold one BOS-led document per row."""
+    try:
+        with np.load(cache) as saved:
+            if not np.array_equal(saved["source"], source):
+                return None  # the shard was downloaded again since
+            tokens, lengths = saved["tokens"], saved["doc_lengths"]
+        starts = np.cumsum(lengths) - lengths
+        if (tokens.dtype != np.uint16 or len(lengths) != num_rows or lengths.min(initial=1) < 1
+                or lengths.sum() != len(tokens) or np.any(tokens[starts] != tokenizer.get_bos_token_id())
+                or tokens.max(initial=0) >= tokenizer.get_vocab_size()):
+            raise ValueError(f"it does not hold the {num_rows} documents of its row group")
+    except Exception as e:  # the cache only saves time: whatever is wrong with it must not stop a run
+        print(f"warning: token cache {cache} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"tokenizing its row group again", file=sys.stderr)
+        return None
+    return np.split(tokens, starts[1:])
 
 
 def token_batches(tokenizer, split):
@@ -159,32 +255,22 @@ def token_batches(tokenizer, split):
 # Download
 # ---------------------------------------------------------------------------
 
-def remove_quietly(*paths):
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
 def download_shard(index, data_dir, base_url, first_wait):
-    """Fetch one shard via <name>.tmp and an atomic rename; True when it is in data_dir, whole."""
+    """Fetch one shard into a temporary file, checked and synced before its rename; True when it is whole."""
     name = shard_filename(index)
     path = os.path.join(data_dir, name)
-    tmp = path + ".tmp"
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
             with requests.get(f"{base_url}/{name}", stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
                 response.raise_for_status()
-                with open(tmp, "wb") as f:
+
+                def save(f):
                     for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
                         f.write(chunk)
-            check_parquet(tmp)  # a body cut short has no parquet footer
-            os.replace(tmp, path)
+                write_durably(path, save, check=check_parquet)  # a body cut short has no parquet footer
             print(f"  {name} done")
             return True
         except (requests.RequestException, OSError, ValueError) as e:
-            remove_quietly(tmp, path)
             print(f"  {name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed: {str(e).splitlines()[0]}")
             if attempt < DOWNLOAD_ATTEMPTS:
                 time.sleep(first_wait * 2 ** (attempt - 1))
@@ -194,7 +280,7 @@ def download_shard(index, data_dir, base_url, first_wait):
 def download_data(num_shards, download_workers=8):
     """Download training shards 0..num_shards-1 plus the validation shard; return the names that failed."""
     os.makedirs(DATA_DIR, exist_ok=True)
-    remove_quietly(*(os.path.join(DATA_DIR, f) for f in os.listdir(DATA_DIR) if f.endswith(".tmp")))  # interrupted runs
+    sweep_temporary_files(DATA_DIR)  # left by interrupted runs
     wanted = list(range(num_shards)) + [VAL_SHARD]
     missing = []
     for index in wanted:
@@ -235,13 +321,61 @@ def tokenizer_training_texts():
                     return
 
 
+def load_encoding(path):
+    """The tiktoken encoding saved at path; ValueError naming the file when it is damaged."""
+    try:
+        with open(path, "rb") as f:
+            enc = pickle.load(f)
+    except Exception as e:  # empty (EOFError), cut short or garbage (UnpicklingError, ...)
+        raise ValueError(f"{path} cannot be read ({type(e).__name__})") from None
+    if not isinstance(enc, tiktoken.Encoding) or enc.n_vocab != VOCAB_SIZE or BOS_TOKEN not in enc.special_tokens_set:
+        raise ValueError(f"{path} is not a tokenizer of {VOCAB_SIZE} tokens with {BOS_TOKEN}")
+    if enc.decode(enc.encode_ordinary(ROUND_TRIP_SAMPLE)) != ROUND_TRIP_SAMPLE:
+        raise ValueError(f"{path} does not give text back as it was")
+    return enc
+
+
+def load_token_bytes(path, device="cpu"):
+    """token_bytes.pt (the byte length of each token); ValueError naming the file when it is damaged."""
+    try:
+        token_bytes = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__})") from None
+    if (not isinstance(token_bytes, torch.Tensor) or token_bytes.shape != (VOCAB_SIZE,)
+            or token_bytes.dtype != torch.int32 or token_bytes.min() < 0):
+        raise ValueError(f"{path} does not hold one byte count per token ({VOCAB_SIZE})")
+    return token_bytes
+
+
+def token_byte_lengths(enc):
+    """Bytes of each token's decoded text (special tokens 0); a piece of a multi-byte character decodes to
+    U+FFFD and counts 3."""
+    special = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    return torch.tensor([0 if i in special else len(enc.decode([i]).encode("utf-8")) for i in range(enc.n_vocab)],
+                        dtype=torch.int32)
+
+
 def train_tokenizer():
-    """Train BPE with rustbpe, save it as a tiktoken encoding plus the byte length of every token."""
+    """Train BPE with rustbpe, save it as a tiktoken encoding plus the byte length of every token.
+
+    What is already there is checked first: a tokenizer that loads and round-trips is kept (token_bytes.pt
+    rebuilt from it if that is what is damaged); a damaged one is trained again."""
     tokenizer_path = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
     token_bytes_path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-    if os.path.exists(tokenizer_path) and os.path.exists(token_bytes_path):
-        print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
-        return
+    sweep_temporary_files(TOKENIZER_DIR)
+    if os.path.exists(tokenizer_path):
+        try:
+            enc = load_encoding(tokenizer_path)
+        except ValueError as e:
+            print(f"Tokenizer: {e}: training it again")
+        else:
+            try:
+                load_token_bytes(token_bytes_path)
+                print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
+            except ValueError as e:
+                print(f"Tokenizer: {e}: rebuilding it from tokenizer.pkl")
+                write_durably(token_bytes_path, lambda f: torch.save(token_byte_lengths(enc), f))
+            return
     shards = [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")] if os.path.isdir(DATA_DIR) else []
     if len(shards) < 2 or VAL_FILENAME not in shards:
         sys.exit(f"error: tokenizer training needs at least one training shard and {VAL_FILENAME} in {DATA_DIR}; "
@@ -261,17 +395,11 @@ def train_tokenizer():
         mergeable_ranks=mergeable_ranks,
         special_tokens={name: offset + i for i, name in enumerate(SPECIAL_TOKENS)},
     )
-    # bytes of each token's decoded text; a piece of a multi-byte character decodes to U+FFFD and counts 3
-    token_bytes = torch.tensor(
-        [len(enc.decode([i]).encode("utf-8")) if i < offset else 0 for i in range(enc.n_vocab)], dtype=torch.int32)
-    sample = "Hello world! 12345 tokens: café, naïve, 東京, 🚀 done."
-    assert enc.decode(enc.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
+    assert enc.decode(enc.encode_ordinary(ROUND_TRIP_SAMPLE)) == ROUND_TRIP_SAMPLE, "tokenizer round trip failed"
+    token_bytes = token_byte_lengths(enc)
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
-    with open(tokenizer_path + ".tmp", "wb") as f:
-        pickle.dump(enc, f)
-    torch.save(token_bytes, token_bytes_path + ".tmp")
-    os.replace(token_bytes_path + ".tmp", token_bytes_path)
-    os.replace(tokenizer_path + ".tmp", tokenizer_path)
+    write_durably(token_bytes_path, lambda f: torch.save(token_bytes, f))  # first: a tokenizer.pkl implies it
+    write_durably(tokenizer_path, lambda f: pickle.dump(enc, f))
     print(f"Tokenizer: {enc.n_vocab} tokens trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}")
 
 
@@ -285,11 +413,17 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
-        path = os.path.join(tokenizer_dir or TOKENIZER_DIR, "tokenizer.pkl")
+        """The tokenizer, with both its files checked: a missing or damaged one is one line and exit 1."""
+        tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if not os.path.exists(path):
             sys.exit(f"error: no tokenizer at {path}; run `uv run prepare.py` first")
-        with open(path, "rb") as f:
-            return cls(pickle.load(f))
+        try:
+            enc = load_encoding(path)
+            load_token_bytes(os.path.join(tokenizer_dir, "token_bytes.pt"))  # read at the end: checked now
+        except ValueError as e:
+            sys.exit(f"error: {e}; run `uv run prepare.py` to rebuild it")
+        return cls(enc)
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -336,7 +470,10 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
     if not os.path.exists(path):
         sys.exit(f"error: no {path}; run `uv run prepare.py` first")
-    return torch.load(path, map_location=device)
+    try:
+        return load_token_bytes(path, device)
+    except ValueError as e:
+        sys.exit(f"error: {e}; run `uv run prepare.py` to rebuild it")
 
 # ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing, no padding
@@ -697,6 +834,7 @@ def main(argv=None):
         parser.error(f"--download-workers must be at least 1; got {args.download_workers}")
 
     print(f"Cache directory: {CACHE_DIR}")
+    sweep_temporary_files(TOKENS_DIR)
     failed = download_data(args.num_shards, args.download_workers)
     if failed:
         sys.exit(f"error: {len(failed)} shard(s) still failed after {DOWNLOAD_ATTEMPTS} attempts: {', '.join(failed)}; "

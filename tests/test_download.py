@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,11 +34,12 @@ def parquet_bytes(docs):
 
 
 class ShardServer:
-    """Serves {filename: bytes}; `plan[filename]` lists what the next requests get: 500, 404, 'ok', 'truncate'
-    (the connection closes half-way through the announced length) or 'corrupt' (half the file, sent whole)."""
+    """Serves {filename: bytes}, pausing `pause` seconds half-way through each body; `plan[filename]` lists
+    what the next requests get: 500, 404, 'ok', 'truncate' (the connection closes half-way through the
+    announced length) or 'corrupt' (half the file, sent whole)."""
 
-    def __init__(self, files):
-        self.files, self.plan, self.requests = files, {}, []
+    def __init__(self, files, pause=0.0):
+        self.files, self.plan, self.requests, self.pause = files, {}, [], pause
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,7 +58,12 @@ class ShardServer:
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(body[:len(body) // 2] if action == "truncate" else body)
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    if server.pause:  # half-way through: a slow network, for runs that overlap
+                        time.sleep(server.pause)
+                    if action != "truncate":
+                        self.wfile.write(body[len(body) // 2:])
                     self.close_connection = action == "truncate"
 
             def log_message(self, *args):

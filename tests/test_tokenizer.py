@@ -8,6 +8,7 @@ pieces, documents longer than the 10,000-character cut, and a character budget.
 """
 
 import os
+import shutil
 import types
 
 import numpy as np
@@ -121,10 +122,8 @@ def test_training_stops_at_the_character_budget(spy_bpe, monkeypatch):
     assert 50_000 <= total < 50_000 + len(spy_bpe[-1])  # the document that crossed the budget was the last
 
 
-def test_already_trained_is_skipped(capsys):
-    os.makedirs(prepare.TOKENIZER_DIR)
-    for name in ("tokenizer.pkl", "token_bytes.pt"):
-        open(os.path.join(prepare.TOKENIZER_DIR, name), "wb").close()
+def test_already_trained_is_skipped(tiny_cache, capsys):
+    shutil.copytree(tiny_cache.tokenizer_dir, prepare.TOKENIZER_DIR)
     prepare.train_tokenizer()  # no data at all: would fail if it tried to train
     assert "already trained" in capsys.readouterr().out
 
