@@ -1,0 +1,300 @@
+"""A parallel night through SkyPilot: sky.yaml (one experiment on one GPU) and parallel.md (the protocol).
+
+- sky.yaml is loaded and validated by SkyPilot's own parser (sky.Task.from_yaml), with no cloud access;
+- every `sky` command parallel.md names is parsed by the installed SkyPilot CLI's own definitions (what its
+  --help prints): an unknown subcommand, flag or argument count fails;
+- sky.yaml's setup and run are executed locally with bash on the tiny project, the data served on loopback
+  (a cluster without the network beyond it), and the output, prefixed as `sky logs` prefixes it, is read
+  with parallel.md's own commands into a ledger row and judge.log lines that the morning audit accepts;
+- a wave of three results arriving out of order gives the ledger and branch parallel.md describes.
+
+SkyPilot is imported in a subprocess whose HOME is a temporary directory (it writes ~/.sky).
+
+    uv run pytest tests/test_parallel.py
+"""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+import analysis
+from conftest import ROOT, make_project, set_constants
+from test_download import ShardServer
+
+with open(os.path.join(ROOT, "parallel.md")) as f:
+    PROTOCOL = f.read()
+with open(os.path.join(ROOT, "sky.yaml")) as f:
+    TASK = yaml.safe_load(f)
+CODE = [line for block in re.findall(r"```\n(.*?)```", PROTOCOL, flags=re.S)
+        for line in textwrap.dedent(block).splitlines()]
+INLINE = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", PROTOCOL, flags=re.S))
+EXAMPLE = {"<tag>": "nov23", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3", "<base>": "HEAD",
+           "<sha256>": "0" * 64, "<description>": "an idea"}
+
+
+def fill(command, **values):
+    """A protocol command with its <placeholders> filled in (the example values unless given)."""
+    for key, value in {**EXAMPLE, **{f"<{k}>": v for k, v in values.items()}}.items():
+        command = command.replace(key, value)
+    return command
+
+
+def protocol_command(prefix):
+    """The one code line of parallel.md that starts with `prefix`."""
+    found = sorted({line for line in CODE if line.startswith(prefix)})
+    assert len(found) == 1, f"parallel.md should show exactly one `{prefix}...` command, found {found}"
+    return found[0]
+
+
+SKY_COMMANDS = sorted({c for c in CODE + INLINE if c.startswith("sky ")})
+
+SKY_CHECK = """
+import json, shlex, sys
+import click
+import sky
+from sky.client.cli.command import cli
+
+task = sky.Task.from_yaml(sys.argv[1])
+out = {"name": task.name, "envs": task.envs, "setup": task.setup, "run": task.run, "workdir": task.workdir,
+       "accelerators": sorted(str(r.accelerators) for r in task.resources), "commands": {}}
+for command in json.loads(sys.argv[2]):
+    words = shlex.split(command)
+    sub = cli.get_command(click.Context(cli), words[1])
+    if sub is None:
+        out["commands"][command] = f"no such subcommand: sky {words[1]}"
+        continue
+    try:
+        sub.make_context(words[1], words[2:])  # parses every flag and argument as `sky` would, runs nothing
+        out["commands"][command] = "ok"
+    except click.ClickException as e:
+        out["commands"][command] = e.format_message()
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def skypilot(tmp_path_factory):
+    """What the installed SkyPilot makes of sky.yaml and of every sky command in parallel.md."""
+    return check_with_skypilot([fill(c) for c in SKY_COMMANDS], tmp_path_factory.mktemp("sky"))
+
+
+def check_with_skypilot(commands, tmp):
+    """Run SKY_CHECK in the agent's repository (a copy of sky.yaml, and the worktree the commands name)."""
+    repo, home = tmp / "repo", tmp / "home"
+    os.makedirs(tmp / fill("worktrees/<id>"))
+    os.makedirs(repo)
+    home.mkdir()
+    shutil.copy(os.path.join(ROOT, "sky.yaml"), repo)
+    result = subprocess.run([sys.executable, "-c", SKY_CHECK, "sky.yaml", json.dumps(commands)], cwd=repo,
+                            env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("RESULT ", 1)[1])
+
+
+def test_skypilot_parses_the_task_file(skypilot):
+    assert skypilot["name"] == "autoresearch" and skypilot["workdir"] == "."
+    assert set(skypilot["envs"]) == {"EXPERIMENT_ID", "COMMIT", "TRAIN_SHA256", "DESCRIPTION", "NUM_SHARDS"}
+    assert skypilot["accelerators"] == ["{'H100': 1}", "{'H200': 1}"]  # any one GPU of these
+    assert "uv sync --locked" in skypilot["setup"] and "uv run prepare.py" in skypilot["setup"]
+    assert "uv run train.py > run.log 2>&1" in skypilot["run"]  # the one-GPU command, unchanged
+
+
+def test_every_sky_command_of_the_protocol_is_accepted_by_the_cli(skypilot):
+    subcommands = {shlex.split(c)[1] for c in SKY_COMMANDS}
+    assert {"check", "launch", "status", "exec", "queue", "logs", "cancel", "down", "cost-report"} <= subcommands
+    assert {c: r for c, r in skypilot["commands"].items() if r != "ok"} == {}
+
+
+def test_the_cli_check_can_fail(skypilot, tmp_path):
+    """The check above is not vacuous: a flag SkyPilot does not have is refused."""
+    commands = ["sky exec c sky.yaml --no-such-flag", "sky teleport c", "sky queue --no-follow",
+                fill("sky exec c sky.yaml --workdir ../worktrees/<id>-missing")]
+    verdicts = check_with_skypilot(commands, tmp_path)["commands"]
+    assert all(v != "ok" for v in verdicts.values()), verdicts
+
+
+# --- the task's setup and run, locally --------------------------------------------------------------------------
+
+def git(directory, *args):
+    return subprocess.run(["git", *args], cwd=directory, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def sh(command, cwd, env=None):
+    """A protocol command, as the agent runs it, in bash."""
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env or os.environ, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture
+def night(tmp_path):
+    """The agent's repository after parallel.md's setup: branch autoresearch/nov23 and the ledger's header."""
+    repo = str(make_project(tmp_path / "repo"))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=h", "-c", "user.email=h@example.com", "commit", "-qm", "the project")
+    git(repo, "config", "user.name", "agent")
+    git(repo, "config", "user.email", "agent@example.com")
+    git(repo, "checkout", "-q", "-b", "autoresearch/nov23")
+    with open(os.path.join(repo, "results.tsv"), "w") as f:
+        f.write("\t".join(analysis.HEADER) + "\n")
+    sh(fill(protocol_command("mkdir ")), repo)
+    return repo
+
+
+def new_experiment(repo, id, base, edit=None, description=None):
+    """parallel.md's steps for one experiment: a worktree at base, the edit, a commit; (worktree, commit, sha)."""
+    worktree = os.path.normpath(os.path.join(repo, fill("../worktrees/<id>", id=id)))
+    sh(fill(protocol_command("git worktree add --detach ../worktrees/<id> <base>"), id=id, base=base), repo)
+    if edit is not None:
+        edit(os.path.join(worktree, "train.py"))
+        sh(fill(protocol_command("git -C ../worktrees/<id> commit"), id=id, description=description), repo)
+    commit = sh(fill(protocol_command("git -C ../worktrees/<id> rev-parse"), id=id), repo).strip()
+    sha = sh(fill(protocol_command("git -C ../worktrees/<id> show HEAD:train.py"), id=id), repo).split()[0]
+    return worktree, commit, sha
+
+
+@pytest.fixture
+def cluster(tmp_path, tiny_cache):
+    """A stand-in cluster: its own HOME, a `uv` that records what it is asked and runs the synced environment,
+    and the data set on a loopback server."""
+    home, bin_dir = tmp_path / "cluster_home", tmp_path / "cluster_bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$*" >> "{tmp_path}/uv_calls"
+        case "$1" in
+          sync) exit 0 ;;  # this test's environment is already the locked one
+          run) shift; exec "{sys.executable}" "$@" ;;
+        esac
+        exit 2
+        """))
+    (bin_dir / "uv").chmod(0o755)
+    data = tiny_cache.data_dir
+    server = ShardServer({name: open(os.path.join(data, name), "rb").read() for name in os.listdir(data)})
+    env = {**os.environ, **{k: str(v) for k, v in TASK["envs"].items()}, "NUM_SHARDS": "2", "HOME": str(home),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_ENDPOINT": server.endpoint + "/"}
+    env.pop("AUTORESEARCH_CACHE_DIR", None)  # the cluster's default cache, under its HOME
+    yield env, tmp_path / "uv_calls"
+    server.close()
+
+
+def run_job(workdir, env, **envs):
+    """sky.yaml's run in a copy of workdir (what SkyPilot syncs), its output prefixed as `sky logs` shows it."""
+    synced = os.path.join(env["HOME"], "sky_workdir")
+    shutil.rmtree(synced, ignore_errors=True)
+    shutil.copytree(workdir, synced, ignore=shutil.ignore_patterns(".git"))
+    result = subprocess.run(["bash", "-c", TASK["run"]], cwd=synced, env={**env, **envs}, capture_output=True,
+                            text=True, timeout=600)
+    lines = (result.stdout + result.stderr).splitlines()
+    return result.returncode, "".join(f"(autoresearch, pid=4242) {line}\n" for line in lines)
+
+
+def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(night, cluster):
+    env, uv_calls = cluster
+    setup = subprocess.run(["bash", "-c", TASK["setup"]], cwd=night, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert open(uv_calls).read().splitlines() == ["sync --locked", "run prepare.py --num-shards 2"]
+    cache = os.path.join(env["HOME"], ".cache", "autoresearch")
+    assert {"data", "tokenizer"} <= set(os.listdir(cache))
+
+    status, output = run_job(night, env)  # sky launch runs the task once, without an experiment
+    assert status == 0 and "cluster ready: no experiment given" in output
+
+    worktree, commit, sha = new_experiment(night, "w1-1", "HEAD")  # the baseline
+    status, output = run_job(worktree, env, EXPERIMENT_ID="w1-1", COMMIT=commit, TRAIN_SHA256="f" * 64)
+    assert status == 1 and "error: the synced train.py is not the one of commit" in output
+    assert not os.path.exists(os.path.join(env["HOME"], "autoresearch-runs", "w1-1", "run.log"))  # never ran
+
+    status, output = run_job(worktree, env, EXPERIMENT_ID="w1-1", COMMIT=commit, TRAIN_SHA256=sha,
+                             DESCRIPTION="baseline")
+    assert status == 0, output
+    log = fill("logs/<id>.log", id="w1-1")
+    with open(os.path.join(night, log), "w") as f:
+        f.write(output)
+    values = dict(line.split(":", 1) for line in sh(fill(protocol_command("grep -o \"val_bpb"), id="w1-1"),
+                                                    night).splitlines())
+    assert set(values) == {"val_bpb", "peak_vram_mb"}
+    sh(fill(protocol_command("grep -o \"judge"), id="w1-1"), night)
+    with open(os.path.join(night, "results.tsv"), "a") as f:
+        f.write(f"{commit}\t{float(values['val_bpb']):.6f}\t{float(values['peak_vram_mb']) / 1024:.1f}\tkeep\tbaseline\n")
+    rows, problems = analysis.read_ledger(os.path.join(night, "results.tsv"))
+    assert problems == [] and len(rows) == 1
+    with open(os.path.join(night, "judge.log")) as f:
+        judged = f.read().splitlines()
+    assert len(judged) == 1 and judged[0].split("\t")[1:3] == [sha, values["val_bpb"].strip()]
+    assert analysis.audit(rows, night) == ([], [])  # the run's number, checked against the judge's own line
+
+
+# --- a wave, results out of order -------------------------------------------------------------------------------
+
+def record(repo, id, commit, sha, val_bpb):
+    """A result as it arrives: the fetched log (the task's output lines) and its judge line copied."""
+    lines = [f"experiment: {id}", f"commit: {commit}", f"val_bpb:          {val_bpb:.6f}",
+             "peak_vram_mb:     45060.2", f"judge: 2026-11-23T02:00:00Z\t{sha}\t{val_bpb:.6f}\t20971520"]
+    with open(os.path.join(repo, fill("logs/<id>.log", id=id)), "w") as f:
+        f.write("".join(f"(autoresearch, pid=77) {line}\n" for line in lines))
+    sh(fill(protocol_command("grep -o \"judge"), id=id), repo)
+    out = sh(fill(protocol_command("grep -o \"val_bpb"), id=id), repo)
+    return float(re.search(r"val_bpb:\s*(\S+)", out).group(1))
+
+
+def test_a_wave_arriving_out_of_order_keeps_its_best_and_reruns_the_other_gain(night):
+    repo = night
+    ledger = os.path.join(repo, "results.tsv")
+    edits = {"w1-2": ("MATRIX_LR 0.04 -> 0.05", "MATRIX_LR", "0.05"),
+             "w1-3": ("WARMDOWN_RATIO 0.5 -> 0.6", "WARMDOWN_RATIO", "0.6"),
+             "w1-4": ("DEPTH 2 -> 3", "DEPTH", "3")}
+    wave = {"w1-1": new_experiment(repo, "w1-1", "autoresearch/nov23")}  # the baseline, in the first wave
+    for id, (description, name, value) in edits.items():
+        wave[id] = new_experiment(repo, id, "autoresearch/nov23", lambda p, n=name, v=value: set_constants(p, **{n: v}),
+                                  description)
+    arrivals = [("w1-4", 1.010), ("w1-2", 0.995), ("w1-1", 1.000), ("w1-3", 0.990)]  # the order they finish
+    results = {id: record(repo, id, wave[id][1], wave[id][2], value) for id, value in arrivals}
+
+    # the wave is in: the baseline is the best it is judged against; its lowest beats it and is kept
+    best = results["w1-1"]
+    winner = min(edits, key=results.get)
+    assert winner == "w1-3" and results[winner] < best
+    sh(fill(protocol_command("git merge --ff-only"), commit=wave[winner][1]), repo)
+    rerun = [id for id in edits if id != winner and results[id] < best]
+    assert rerun == ["w1-2"]
+    rows = [(wave["w1-1"][1], results["w1-1"], "keep", "baseline")]
+    rows += [(wave[id][1], results[id], "keep" if id == winner else "discard", edits[id][0]) for id in edits]
+    with open(ledger, "a") as f:
+        f.writelines(f"{c}\t{v:.6f}\t44.0\t{s}\t{d}\n" for c, v, s, d in rows)
+    for id in wave:
+        sh(fill(protocol_command("git worktree remove"), id=id), repo)
+
+    # the next wave: the other gain re-applied on top of the new best, run again, kept only on its own result
+    sh(fill(protocol_command("git worktree add --detach ../worktrees/<id> autoresearch/"), id="w2-1"), repo)
+    sh(fill(protocol_command("git -C ../worktrees/<id> cherry-pick"), id="w2-1", commit=wave["w1-2"][1]), repo)
+    commit = sh(fill(protocol_command("git -C ../worktrees/<id> rev-parse"), id="w2-1"), repo).strip()
+    sha = sh(fill(protocol_command("git -C ../worktrees/<id> show HEAD:train.py"), id="w2-1"), repo).split()[0]
+    value = record(repo, "w2-1", commit, sha, 0.987)
+    assert value < results[winner]
+    sh(fill(protocol_command("git merge --ff-only"), commit=commit), repo)
+    with open(ledger, "a") as f:
+        f.write(f"{commit}\t{value:.6f}\t44.0\tkeep\tMATRIX_LR 0.04 -> 0.05 (re-run on the new best)\n")
+    sh(fill(protocol_command("git worktree remove"), id="w2-1"), repo)
+
+    # the branch: baseline, the wave's winner, the re-run; the ledger in the one-GPU format; the audit clean
+    history = git(repo, "log", "--format=%h", "--abbrev=7", "main..autoresearch/nov23").split()
+    assert history == [commit, wave["w1-3"][1]]
+    assert git(repo, "show", "HEAD:train.py").count("MATRIX_LR = 0.05") == 1
+    assert git(repo, "show", "HEAD:train.py").count("WARMDOWN_RATIO = 0.6") == 1
+    rows, problems = analysis.read_ledger(ledger)
+    assert problems == [] and [r.status for r in rows] == ["keep", "discard", "keep", "discard", "keep"]
+    assert analysis.audit(rows, repo) == ([], [])
+    assert [round(g, 6) for _, g in analysis.chain_of_keeps(rows)[1:]] == [0.010, 0.003]
