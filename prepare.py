@@ -115,7 +115,8 @@ def write_durably(path, write, check=None):
 
 
 def writer_is_gone(name):
-    """True when the temporary file `name` was left by a run that is no longer writing it."""
+    """Whether the run that wrote the temporary file `name` is gone: True or False for this machine's runs,
+    None for another machine's (its age decides)."""
     try:
         stem, pid, _thread, _ = name.rsplit(".", 3)
         pid = int(pid)
@@ -235,8 +236,8 @@ def read_token_cache(cache, source, num_rows, tokenizer):
                 or tokens.max(initial=0) >= tokenizer.get_vocab_size()):
             raise ValueError(f"it does not hold the {num_rows} documents of its row group")
     except Exception as e:  # the cache only saves time: whatever is wrong with it must not stop a run
-        print(f"warning: token cache {cache} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              f"tokenizing its row group again", file=sys.stderr)
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        print(f"warning: token cache {cache} is damaged ({why}); tokenizing its row group again", file=sys.stderr)
         return None
     return np.split(tokens, starts[1:])
 
@@ -635,14 +636,17 @@ def keep_freed_memory():
     """Make glibc serve large tensors from its heap and keep what is freed for the next step, instead of handing
     every large block back to the kernel and faulting it in again: a CPU run otherwise spends about half its
     time in the kernel. The peak resident memory rises (the memory fit measures it). False off glibc, and
-    under an address-space limit, where memory kept is address space lost."""
-    if address_space_limit() is not None:
-        return False
+    under an address-space limit, where memory kept is address space lost: there glibc is told instead to
+    serve every thread from one arena (a thread's own arena reserves 64 MB of address space as it starts,
+    after the memory fit has measured)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (malloc.h)
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt's parameter numbers (malloc.h)
+    if address_space_limit() is not None:
+        libc.mallopt(M_ARENA_MAX, 1)
+        return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 

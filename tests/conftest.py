@@ -78,6 +78,17 @@ def tiny_cache(tmp_path_factory):
     return SimpleNamespace(dir=cache, data_dir=data_dir, tokenizer_dir=tokenizer_dir, shards=shards)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_where_the_suite_runs():
+    """No test leaves a judge's log, a ledger or a run log in the directory pytest runs in."""
+    def state():
+        names = ("judge.log", "results.tsv", "run.log")
+        return {name: os.path.exists(name) and os.stat(name).st_mtime_ns for name in names}
+    before = state()
+    yield
+    assert state() == before, f"a test wrote into {os.getcwd()}: {state()} (was {before})"
+
+
 @pytest.fixture(autouse=True)
 def no_home_cache(monkeypatch, tmp_path):
     """Every test starts with prepare's directories (and the judge's log) in its own tmp dir, never

@@ -5,8 +5,9 @@ the loader and the metric (not the download, tokenizer training, device set-up o
     uv run --no-group sky --group mutation tests/mutation.py optimizer   # one part: model, optimizer, schedules,
                                                                          # loader, metric
 
-mutmut copies the project into mutants/ (ignored by git), runs the suite once to learn which tests reach
-which function, then runs each mutant against those tests only; it remembers results, so a second run only
+mutmut copies the project into mutants/ (ignored by git), runs the in-process tests (listed under
+[tool.mutmut] in pyproject.toml) once to learn which tests reach which function, then runs each mutant
+against those tests only; it remembers results, so a second run only
 redoes what changed. Afterwards `uv run --no-group sky --group mutation mutmut results` lists the survivors
 and `... mutmut show NAME` shows one. Not part of CI: too slow for 2 cores. (mutmut and SkyPilot need
 different versions of click, hence --no-group sky; `uv sync` puts SkyPilot back.)

@@ -12,6 +12,7 @@ fail is checked on a loss that is finite but above 100, and not on one just belo
 
 import gc
 import io
+import os
 import re
 import sys
 import time
@@ -77,6 +78,7 @@ def in_memory_fit():
 def start_tiny_main(mp, cache, budget=BUDGET):
     """train.main with the tiny constants, on the CPU, on a clock that only the forward passes move."""
     mp.setattr(prepare, "DATA_DIR", cache.data_dir)
+    mp.setattr(prepare, "JUDGE_LOG", os.path.join(cache.dir, "judge.log"))  # module-scoped runs too: never the cwd
     mp.setattr(prepare, "TOKENIZER_DIR", cache.tokenizer_dir)
     mp.setattr(prepare, "MAX_SEQ_LEN", 64)
     mp.setattr(prepare, "EVAL_TOKENS", 2 * 2 * 64)
