@@ -97,6 +97,24 @@ def test_adamw_two_steps_match_reference(eager_steps):
     assert not torch.allclose(p.detach(), start)
 
 
+def test_adamw_skips_a_parameter_without_gradient_and_adds_eps_to_tiny_ones(eager_steps):
+    """A frozen parameter first in its group leaves the others updated; gradients near eps (1e-12 against
+    1e-10) are where eps decides the step's size and sign."""
+    torch.manual_seed(0)
+    frozen, p = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 6))
+    start, frozen_start = p.detach().clone(), frozen.detach().clone()
+    grads = [torch.randn(4, 6) * torch.tensor([1e-12, 1e-12, 1.0, 1.0])[:, None] for _ in range(2)]
+    opt = train.MuonAdamW([dict(kind="adamw", params=[frozen, p], lr=0.01, betas=(0.8, 0.95), eps=1e-10,
+                                weight_decay=0.0)])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    expected = adamw_reference(start, grads, lr=0.01, betas=(0.8, 0.95), eps=1e-10, wd=0.0)
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-7)
+    assert (expected[:2] - start[:2]).abs().min() > 1e-6  # the tiny rows do move, by eps's measure
+    assert torch.equal(frozen.detach(), frozen_start)
+
+
 @pytest.mark.parametrize("shape", [(16, 8), (8, 16), (12, 12)])
 def test_muon_three_steps_match_reference(shape, eager_steps):
     torch.manual_seed(1)
