@@ -8,6 +8,7 @@ answer must score far lower; losses on 0-byte targets (BOS) must not count; and 
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -89,3 +90,14 @@ def test_evaluates_a_real_gpt_on_the_cpu(tokenizer, small_eval):
     assert bpb == again  # same tokens, same model, same number
     uniform = hand_computed_uniform_bpb(tokenizer)
     assert bpb == pytest.approx(uniform, rel=0.02)  # lm_head starts near zero: nearly uniform predictions
+
+
+def test_each_evaluation_leaves_the_judges_line(tokenizer, small_eval, monkeypatch):
+    """judge.log, for the morning audit: time, sha256 of the script that ran, val_bpb as printed, tokens scored."""
+    monkeypatch.setattr(prepare, "RUN_SCRIPT_SHA256", "ab" * 32)
+    first = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=B)
+    second = prepare.evaluate_bpb(OracleModel(8192), tokenizer, batch_size=B)
+    with open(prepare.JUDGE_LOG) as f:
+        lines = [line.rstrip("\n").split("\t") for line in f]
+    assert [fields[1:] for fields in lines] == [["ab" * 32, f"{v:.6f}", str(5 * B * T)] for v in (first, second)]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fields[0]) for fields in lines)
