@@ -142,6 +142,10 @@ def test_a_damaged_tokenizer_file_is_one_line_and_prepare_rebuilds_it(cache, kin
         prepare.Tokenizer.from_directory()
     assert str(e.value).startswith(f"error: {path} ") and str(e.value).endswith("run `uv run prepare.py` to rebuild it")
     assert "\n" not in str(e.value)
+    if kind == "token_bytes.pt":  # and where the evaluation reads it
+        with pytest.raises(SystemExit) as e:
+            prepare.get_token_bytes()
+        assert str(e.value).startswith(f"error: {path} ") and "uv run prepare.py" in str(e.value)
     capsys.readouterr()
     prepare.train_tokenizer()
     out = capsys.readouterr().out

@@ -149,3 +149,6 @@ def test_missing_tokenizer_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
         prepare.Tokenizer.from_directory()
     assert "no tokenizer" in str(e.value) and "uv run prepare.py" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        prepare.get_token_bytes()
+    assert "token_bytes.pt" in str(e.value) and "uv run prepare.py" in str(e.value)
