@@ -226,6 +226,16 @@ def test_evaluate_bpb_halves_a_batch_that_does_not_fit(tokenizer, random_gpt, mo
     assert seen[:2] == [12, 6] and set(seen[2:]) == {3}
 
 
+@pytest.mark.parametrize("error,tried", [(OUT_OF_MEMORY["cpu"], [4, 2, 1]), (lambda: ValueError("a bug"), [4])])
+def test_evaluate_bpb_raises_what_halving_cannot_help(tokenizer, random_gpt, monkeypatch, error, tried):
+    """Out of memory even at one row, or any error that is not out-of-memory: raised, not retried."""
+    seen = []
+    fail_above(monkeypatch, 0, error, seen)
+    with pytest.raises(type(error())):
+        prepare.evaluate_bpb(random_gpt, tokenizer, 4)
+    assert seen == tried
+
+
 # --- a real run under an address-space limit -------------------------------------------------------------
 
 def peak_address_space(project, cache):
