@@ -608,8 +608,8 @@ def memory_limit(device):
         except (OSError, ValueError):
             continue
     available = max(available, 0)
-    if address_space_limit() is not None:
-        return min(address_space_limit(), size + available)
+    if (address_space := address_space_limit()) is not None:
+        return min(address_space, size + available)
     return rss + available
 
 
