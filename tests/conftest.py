@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -146,14 +147,27 @@ def make_project(directory, prepare_constants=TINY_PREPARE, train_constants=TINY
 
 with open(os.path.join(ROOT, "program.md")) as f:
     PROGRAM = f.read()
-CODE_LINES = [line for block in re.findall(r"```\n(.*?)```", PROGRAM, flags=re.S) for line in block.splitlines()]
+
+
+def code_lines(markdown):
+    """The lines of a markdown text's fenced code blocks, each block dedented."""
+    return [line for block in re.findall(r"```\n(.*?)```", markdown, flags=re.S)
+            for line in textwrap.dedent(block).splitlines()]
+
+
+def one_command(lines, prefix, where):
+    """The one line of `lines` (code lines of the file named `where`) that starts with `prefix`."""
+    found = sorted({line for line in lines if line.startswith(prefix)})
+    assert len(found) == 1, f"{where} should show exactly one `{prefix}...` command, found {found}"
+    return found[0]
+
+
+CODE_LINES = code_lines(PROGRAM)
 
 
 def command(prefix):
     """The one code line of program.md that starts with `prefix`."""
-    found = sorted({line for line in CODE_LINES if line.startswith(prefix)})
-    assert len(found) == 1, f"program.md should show exactly one `{prefix}...` command, found {found}"
-    return found[0]
+    return one_command(CODE_LINES, prefix, "program.md")
 
 
 RUN = command("uv run train.py")

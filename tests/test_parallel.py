@@ -26,15 +26,14 @@ import pytest
 import yaml
 
 import analysis
-from conftest import ROOT, make_project, set_constants
+from conftest import ROOT, code_lines, make_project, one_command, set_constants
 from test_download import ShardServer
 
 with open(os.path.join(ROOT, "parallel.md")) as f:
     PROTOCOL = f.read()
 with open(os.path.join(ROOT, "sky.yaml")) as f:
     TASK = yaml.safe_load(f)
-CODE = [line for block in re.findall(r"```\n(.*?)```", PROTOCOL, flags=re.S)
-        for line in textwrap.dedent(block).splitlines()]
+CODE = code_lines(PROTOCOL)
 INLINE = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", PROTOCOL, flags=re.S))
 EXAMPLE = {"<tag>": "nov23", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3", "<base>": "HEAD",
            "<sha256>": "0" * 64, "<description>": "an idea"}
@@ -49,9 +48,7 @@ def fill(command, **values):
 
 def protocol_command(prefix):
     """The one code line of parallel.md that starts with `prefix`."""
-    found = sorted({line for line in CODE if line.startswith(prefix)})
-    assert len(found) == 1, f"parallel.md should show exactly one `{prefix}...` command, found {found}"
-    return found[0]
+    return one_command(CODE, prefix, "parallel.md")
 
 
 SKY_COMMANDS = sorted({c for c in CODE + INLINE if c.startswith("sky ")})
