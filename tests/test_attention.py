@@ -92,13 +92,32 @@ def test_window_is_left_plus_one_keys_not_left():
     """Off-by-one guard: with window (left, 0), query i must see key i - left (the kernel does)."""
     q, k, v = (t.detach() for t in random_qkv(1, 1))
     left = 4
-    out = train.pytorch_attention(q, k, v, window_size=(left, 0))
+    out = train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
     v2 = v.clone()
     v2[:, 10 - left] += 100.0  # key 6 is inside query 10's window, key 5 is not
-    assert not torch.allclose(train.pytorch_attention(q, k, v2, window_size=(left, 0))[:, 10], out[:, 10])
+    assert not torch.allclose(train.pytorch_attention(q, k, v2, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
     v3 = v.clone()
     v3[:, 10 - left - 1] += 100.0
-    torch.testing.assert_close(train.pytorch_attention(q, k, v3, window_size=(left, 0))[:, 10], out[:, 10])
+    torch.testing.assert_close(train.pytorch_attention(q, k, v3, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
+
+
+@pytest.mark.parametrize("T_", [2, 4])
+@pytest.mark.parametrize("left", [-1, 0])
+def test_grouped_query_heads_at_any_sequence_length(T_, left):
+    """4 query heads on 2 key/value heads where T equals one head count or the other (sizes not to be confused)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, T_, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    out = train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    torch.testing.assert_close(out, naive_attention(q, k, v, left if left >= 0 else T_))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(causal=False, window_size=(-1, 0)),
+                                    dict(causal=True, window_size=(-1, -1)), dict(causal=True, window_size=(4, 4))])
+def test_only_causal_attention_with_a_left_window_is_accepted(kwargs):
+    """The kernel's defaults (not causal, no window) and right windows are refused, not silently made causal."""
+    q, k, v = (t.detach() for t in random_qkv(2, 2))
+    with pytest.raises(AssertionError, match="only causal attention with a left window is implemented"):
+        train.pytorch_attention(q, k, v, **kwargs)
 
 
 # --- CUDA only: the hub kernel against the fallback -------------------------------------------------------

@@ -119,6 +119,14 @@ def test_forward_reductions():
     torch.testing.assert_close(mean, per_token.sum() / 91)
 
 
+def test_sequences_up_to_the_rotary_tables_length_run_and_longer_ones_are_refused():
+    model = tiny_model()  # tables of 10 x 32 positions
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py runs it
+        assert model(torch.zeros(1, 320, dtype=torch.long)).shape == (1, 320, 64)
+        with pytest.raises(AssertionError, match="sequence of 321 tokens is longer than the rotary tables"):
+            model(torch.zeros(1, 321, dtype=torch.long))
+
+
 def test_rotary_preserves_norm_and_depends_only_on_relative_position():
     model = tiny_model()
     assert model.cos.size(1) == 10 * 32 and model.cos.dtype == torch.bfloat16

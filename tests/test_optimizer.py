@@ -150,12 +150,13 @@ def test_muon_output_is_nearly_orthogonal_before_normuon():
     assert train.POLAR_EXPRESS_COEFFS == POLAR_EXPRESS
 
 
-def test_setup_optimizer_groups_and_learning_rates():
+def test_setup_optimizer_groups_and_learning_rates(capsys):
     config = train.GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=192)
     model = train.GPT(config)
     opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
                                 adam_betas=(0.8, 0.95), scalar_lr=0.5)
     scale = (192 / 768) ** -0.5  # = 2
+    assert capsys.readouterr().out == "Scaling AdamW learning rates by (n_embd/768)^-0.5 = 2.000000\n"
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     expect = [
         (model.lm_head.weight, "adamw", 0.004 * scale, (0.8, 0.95)),
