@@ -103,6 +103,29 @@ def test_initialisation():
     assert 0.0005 < model.lm_head.weight.std() < 0.002
 
 
+def test_initial_weights_have_specs_distributions():
+    """wte ~ N(0, 1), lm_head ~ N(0, 0.001), the input matrices and value embeddings ~ U(-s, s), s = sqrt(3/n_embd)."""
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256))
+    model.init_weights()
+
+    def assert_normal(w, std):
+        w = w.float()
+        assert abs(w.mean()) < 0.02 * std and abs(w.std() / std - 1) < 0.02, (w.mean(), w.std())
+
+    assert_normal(model.transformer.wte.weight, 1.0)
+    assert_normal(model.lm_head.weight, 0.001)
+    s = (3 / 256) ** 0.5
+    uniform = [model.value_embeds["1"].weight] + [w for block in model.transformer.h for w in
+                                                   (block.attn.c_q.weight, block.attn.c_k.weight,
+                                                    block.attn.c_v.weight, block.mlp.c_fc.weight)]
+    for w in uniform:  # 65 536 draws or more: the extremes come within 1 % of the bounds
+        w = w.float()
+        bound = s * (1 + 2**-8)  # the value embeddings are stored in bf16, which may round a draw past s
+        assert -bound <= w.min() < -0.99 * s and 0.99 * s < w.max() <= bound, (w.min(), w.max(), s)
+        assert abs(w.mean()) < 0.02 * s
+
+
 def test_forward_reductions():
     model = tiny_model()
     idx = torch.randint(0, 64, (3, 32))
