@@ -126,6 +126,13 @@ def test_initial_weights_have_specs_distributions():
         assert abs(w.mean()) < 0.02 * s
 
 
+@pytest.mark.parametrize("n_head,n_kv_head,n_embd", [(4, 3, 64), (3, 3, 64)])
+def test_heads_that_do_not_divide_are_refused(n_head, n_kv_head, n_embd):
+    """Query heads must split n_embd evenly and share key/value heads evenly."""
+    with pytest.raises(AssertionError):
+        train.CausalSelfAttention(train.GPTConfig(n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd), 0)
+
+
 def test_forward_reductions():
     model = tiny_model()
     idx = torch.randint(0, 64, (3, 32))
