@@ -149,6 +149,12 @@ def test_forward_reductions():
     torch.testing.assert_close(mean, per_token.sum() / 91)
 
 
+def test_rotary_tables_are_buffers_left_out_of_the_state_dict():
+    model = tiny_model()
+    assert sorted(name for name, _ in model.named_buffers()) == ["cos", "sin"]
+    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+
+
 def test_sequences_up_to_the_rotary_tables_length_run_and_longer_ones_are_refused():
     model = tiny_model()  # tables of 10 x 32 positions
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py runs it
