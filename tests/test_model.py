@@ -80,6 +80,13 @@ def test_window_sizes_per_layer(pattern, depth, expected):
     T = 2048
     sizes = meta_model(default_config(depth=depth, pattern=pattern)).window_sizes
     assert sizes == [(T if c == "L" else T // 2, 0) for c in expected]
+    assert all(type(left) is int for left, _ in sizes)  # the kernel takes ints: 1024.0 would equal 1024 above
+
+
+@pytest.mark.parametrize("pattern", ["SSX", "", "S L"])
+def test_window_patterns_other_than_s_and_l_are_refused(pattern):
+    with pytest.raises(AssertionError, match="WINDOW_PATTERN may only hold S and L"):
+        train.GPT._compute_window_sizes(default_config(pattern=pattern))
 
 
 def tiny_model(seed=0):
