@@ -67,8 +67,7 @@ def sliding_window_block_mask(T, left, device):
 
 
 def pytorch_attention(q, k, v, causal=False, window_size=(-1, -1)):
-    """flash_attn_func's signature, defaults and windows in PyTorch: (B, T, H, D) in and out; query i sees keys
-    i-left..i."""
+    """flash_attn_func's signature and defaults in PyTorch: (B, T, H, D) in and out; query i sees keys i-left..i."""
     assert causal and window_size[1] == 0, "only causal attention with a left window is implemented"
     T, left = q.size(1), window_size[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
