@@ -30,9 +30,9 @@ def naive_attention(q, k, v, left):
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v)
 
 
-def random_qkv(n_head, n_kv_head, dtype=torch.float64, device="cpu", seed=0):
+def random_qkv(n_head, n_kv_head, dtype=torch.float64, device="cpu", seed=0, length=T):
     g = torch.Generator().manual_seed(seed)
-    shapes = [(2, T, n_head, 16), (2, T, n_kv_head, 16), (2, T, n_kv_head, 16)]
+    shapes = [(2, length, n_head, 16), (2, length, n_kv_head, 16), (2, length, n_kv_head, 16)]
     return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
 
 
@@ -101,14 +101,13 @@ def test_window_is_left_plus_one_keys_not_left():
     torch.testing.assert_close(train.pytorch_attention(q, k, v3, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
 
 
-@pytest.mark.parametrize("T_", [2, 4])
+@pytest.mark.parametrize("length", [2, 4])
 @pytest.mark.parametrize("left", [-1, 0])
-def test_grouped_query_heads_at_any_sequence_length(T_, left):
+def test_grouped_query_heads_at_any_sequence_length(length, left):
     """4 query heads on 2 key/value heads where T equals one head count or the other (sizes not to be confused)."""
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, T_, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    q, k, v = random_qkv(4, 2, length=length)
     out = train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
-    torch.testing.assert_close(out, naive_attention(q, k, v, left if left >= 0 else T_))
+    torch.testing.assert_close(out, naive_attention(q, k, v, left if left >= 0 else length))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(causal=False, window_size=(-1, 0)),

@@ -256,7 +256,7 @@ def peak_address_space(project, cache):
 def test_a_real_run_under_an_address_space_limit_completes_with_a_smaller_micro_batch(tiny_cache, tmp_path):
     small = make_project(tmp_path / "small")
     set_constants(os.path.join(small, "train.py"), DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="64 * 64")
-    limit = peak_address_space(small, tiny_cache.dir) + 300 * 2**20  # room for some sequences, far from 128 (1.2 GB more)
+    limit = peak_address_space(small, tiny_cache.dir) + 300 * 2**20  # some sequences; 128 needs 1.2 GB more
     big = make_project(tmp_path / "big")
     set_constants(os.path.join(big, "train.py"), DEVICE_BATCH_SIZE="128", TOTAL_BATCH_SIZE="128 * 64")
     result = subprocess.run(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=big, timeout=600,
