@@ -6,7 +6,7 @@ The morning report: what the night's results.tsv says, progress.png, and an audi
     uv run analysis.py --no-plot              # the report and the audit only
 
 The agent writes results.tsv by hand. The audit checks it against what happened: the judge (prepare.py,
-pyproject.toml, uv.lock) is the same at HEAD as at the baseline's commit; every kept commit is in the
+machine.py, pyproject.toml, uv.lock) is the same at HEAD as at the baseline's commit; every kept commit is in the
 branch and every discarded or crashed one was reset away; each keep beats the best before it; and every
 number was written by evaluate_bpb itself, which appends a line to judge.log beside results.tsv for each
 evaluation (the sha256 of the train.py that ran, and its val_bpb). Exit status 1 when there is a finding.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
-JUDGE_FILES = ["prepare.py", "pyproject.toml", "uv.lock"]  # what the agent may never change
+JUDGE_FILES = ["prepare.py", "machine.py", "pyproject.toml", "uv.lock"]  # what the agent may never change
 JUDGE_LOG = "judge.log"        # evaluate_bpb's own record, beside results.tsv
 LABEL_CHARS = 45               # kept runs are labelled with this much of their description
 TOP_GAINS = 5                  # largest gains listed

@@ -12,8 +12,6 @@ Downloads come from $HF_ENDPOINT (default https://huggingface.co), so a mirror c
 
 import argparse
 import bisect
-import copy
-import ctypes
 import gc
 import hashlib
 import math
@@ -556,7 +554,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
         executor.shutdown(wait=False, cancel_futures=True)
 
 # ---------------------------------------------------------------------------
-# The machine: how much memory a run may take, what running out looks like, how fast the CPU does bf16
+# Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 
 def is_out_of_memory(error):
@@ -564,63 +562,6 @@ def is_out_of_memory(error):
     message = str(error)
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
-
-
-def _proc_bytes(path, key):
-    """A `key: N kB` line of a /proc file, in bytes; None where there is none (not Linux)."""
-    try:
-        with open(path) as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")), None)
-    except OSError:
-        return None
-
-
-def address_space_limit():
-    """The soft limit on this process's address space (`ulimit -v`), or None: beyond it allocations fail."""
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def memory_limit(device):
-    """Bytes a run may hold on its device, in peak_memory()'s terms: the GPU's memory (this process's share),
-    the working set MPS recommends, or the CPU's RAM: what the process holds plus the system's MemAvailable
-    (less under a cgroup limit), counted in address space when an address-space limit is lower. None where
-    it cannot be read (a CPU off Linux)."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return total * torch.cuda.get_per_process_memory_fraction(device)
-    if device.type == "mps":
-        return torch.mps.recommended_max_memory()
-    available = _proc_bytes("/proc/meminfo", "MemAvailable")
-    rss, size = _proc_bytes("/proc/self/status", "VmRSS"), _proc_bytes("/proc/self/status", "VmSize")
-    if None in (available, rss, size):
-        return None
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit_path) as f, open(usage_path) as g:
-                available = min(available, int(f.read()) - int(g.read()))  # "max" (no limit) is a ValueError
-            break
-        except (OSError, ValueError):
-            continue
-    available = max(available, 0)
-    if (address_space := address_space_limit()) is not None:
-        return min(address_space, size + available)
-    return rss + available
-
-
-def peak_memory(device):
-    """Most memory the process has held on the device: CUDA's peak, MPS's driver allocation (its cache keeps
-    the peak), the CPU's peak resident set (or peak address space, under an address-space limit)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory()
-    return _proc_bytes("/proc/self/status", "VmHWM" if address_space_limit() is None else "VmPeak")
 
 
 def release_memory(device):
@@ -631,127 +572,6 @@ def release_memory(device):
     elif device.type == "mps":
         torch.mps.empty_cache()
 
-
-def keep_freed_memory():
-    """Make glibc serve large tensors from its heap and keep what is freed for the next step, instead of handing
-    every large block back to the kernel and faulting it in again: a CPU run otherwise spends about half its
-    time in the kernel. The peak resident memory rises (the memory fit measures it). False off glibc, and
-    under an address-space limit, where memory kept is address space lost: there glibc is told instead to
-    serve every thread from one arena (a thread's own arena reserves 64 MB of address space as it starts,
-    after the memory fit has measured)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt's parameter numbers (malloc.h)
-    if address_space_limit() is not None:
-        libc.mallopt(M_ARENA_MAX, 1)
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def bf16_slowdown():
-    """How many times slower a bf16 matmul is than a float32 one on this CPU: about 1 or less with bf16
-    instructions (AVX512-BF16, AMX, Arm's BF16), 20 to 50 where bf16 is emulated."""
-    def seconds(x):
-        times = []
-        for _ in range(15):  # the first calls of a process are slow (thread pool, kernel selection): take the best
-            t0 = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread each: a busy machine slows a thread pool far more than one thread
-    try:
-        return seconds(a.bfloat16()) / seconds(a)
-    finally:
-        torch.set_num_threads(threads)
-
-# ---------------------------------------------------------------------------
-# Memory fit: the largest micro-batch that fits, the same tokens per optimizer step
-# ---------------------------------------------------------------------------
-
-def synchronize(device):
-    """Wait for the device's queued work (CUDA, MPS); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, tokens_per_step):
-    """The largest micro-batch up to `largest` (train.py's DEVICE_BATCH_SIZE) that keeps tokens_per_step exact
-    and fits in memory: (size, its train loader, the loader's first batch, seconds per micro-step). Says so
-    in one line when it is smaller than `largest`; exits with one line when not even 1 sequence fits.
-
-    A probe is one whole optimizer step (forward and backward on the first batch of a train loader of that
-    size, then the optimizer's step, which allocates its state), after which the weights and the optimizer
-    are restored exactly as they were. Sizes are probed from the largest down; one whose allocation fails is
-    skipped. On the CPU and MPS the kernel kills a process that takes too much instead of failing the
-    allocation, so there the peak memory of the two smallest sizes is first extrapolated against what the
-    machine can give, and a size that would not fit is never tried.
-    """
-    sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * MAX_SEQ_LEN) == 0]
-
-    def probe(b, micro_steps):
-        """(loader, first batch, seconds of the last micro-step), or None when b ran out of memory."""
-        loader = make_dataloader(tokenizer, b, MAX_SEQ_LEN, "train", device=device)
-        weights = [p.detach().clone() for p in model.parameters()]
-        optimizer_state = copy.deepcopy(optimizer.state_dict())
-        try:
-            x, y, _ = batch = next(loader)
-            for _ in range(micro_steps):  # the last one is timed: the first may include compilation
-                synchronize(device)
-                t0 = time.time()
-                with autocast_ctx:
-                    loss = model(x, y)
-                loss.backward()
-                synchronize(device)
-            seconds = time.time() - t0
-            optimizer.step()
-            return loader, batch, seconds
-        except Exception as e:
-            loader.close()
-            if not is_out_of_memory(e):
-                raise
-        finally:
-            with torch.no_grad():
-                for p, w in zip(model.parameters(), weights):
-                    p.copy_(w)
-            optimizer.load_state_dict(optimizer_state)
-            model.zero_grad(set_to_none=True)
-        release_memory(device)
-        return None
-
-    limit = memory_limit(device)
-    if device.type != "cuda" and limit is not None and len(sizes) > 1:  # never try a size that would not fit
-        b2, b1 = sizes[-2:]
-        peaks = []
-        for b in (b1, b2):
-            if (fit := probe(b, 1)) is None:
-                break
-            fit[0].close()
-            peaks.append(peak_memory(device))
-        if len(peaks) < 2:
-            sizes = sizes[-len(peaks):] if peaks else []
-        else:
-            per_sequence = max(peaks[1] - peaks[0], 0) / (b2 - b1)
-            headroom = 0.85 * (limit - peaks[0])  # a margin for fragmentation and what a probe does not do
-            sizes = [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= headroom]
-    memory = f"{limit / 1e9:.1f} GB" if limit else "memory"
-    for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
-        if (fit := probe(b, 2)) is not None:
-            if b < largest:
-                print(f"DEVICE_BATCH_SIZE {largest} does not fit in {memory}: using {b}, "
-                      f"{tokens_per_step // (b * MAX_SEQ_LEN)} accumulation steps", flush=True)
-            return (b, *fit)
-    sys.exit(f"error: not even a micro-batch of 1 sequence of {MAX_SEQ_LEN} tokens fits in {memory}; "
-             f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
-
-# ---------------------------------------------------------------------------
-# Evaluation: the fixed metric
-# ---------------------------------------------------------------------------
 
 def _script_sha256():
     """sha256 of the script this process runs (train.py), read when prepare is imported: as the run started."""

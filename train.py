@@ -74,9 +74,9 @@ def pytorch_attention(q, k, v, causal=False, window_size=(-1, -1)):
     gqa = q.size(1) != k.size(1)
     if left < 0 or left >= T - 1:  # the window holds the whole causal context: plain causal, no mask
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif q.is_cuda and COMPILE:  # block-sparse: blocks outside the window are skipped
+    elif torch.compiler.is_compiling():  # FlexAttention, fused by the compiler: blocks outside the window skipped
         y = flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, left, q.device), enable_gqa=gqa)
-    else:  # MPS, CPU and CUDA without Triton: a dense mask
+    else:  # eager (no compile, MPS, CPU): a dense mask; FlexAttention unfused would hold B x H x T x T scores
         i = torch.arange(T, device=q.device)
         distance = i[:, None] - i[None, :]  # (T, T) query index minus key index
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= left), enable_gqa=gqa)
@@ -85,7 +85,7 @@ def pytorch_attention(q, k, v, causal=False, window_size=(-1, -1)):
 
 flash_attn_func, attention_source = load_flash_attention_3()
 if flash_attn_func is None:
-    attention_backend = f"PyTorch attention (SDPA causal + FlexAttention windows), because {attention_source}"
+    attention_backend = f"PyTorch attention (SDPA; FlexAttention windows when compiled), because {attention_source}"
     flash_attn_func = pytorch_attention
 else:
     attention_backend = f"Flash Attention 3 from {attention_source}"
@@ -93,8 +93,8 @@ print(f"Attention: {attention_backend}", flush=True)
 if torch.cuda.is_available() and not COMPILE:
     print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
 
-from prepare import (MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader,  # noqa: E402
-                     bf16_slowdown, fit_micro_batch, keep_freed_memory, synchronize)
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader  # noqa: E402
+from machine import bf16_slowdown, cuda_peak_mb, fit_micro_batch, keep_freed_memory, synchronize  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -203,7 +203,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def init_weights(self):
-        """SPEC's initialisation; torch.nn.init works without gradients, so no decorator is needed."""
+        """Embeddings normal(0, 1), lm_head normal(0, 0.001), block inputs uniform, output projections zero."""
         n_embd = self.config.n_embd
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -248,7 +248,7 @@ class GPT(nn.Module):
         excluded = (self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
                     + self.resid_lambdas.numel() + self.x0_lambdas.numel())
         h, d, t = self.config.n_head, self.config.n_embd // self.config.n_head, self.config.sequence_len
-        attn_flops = sum(12 * h * d * min(window[0], t) for window in self.window_sizes)
+        attn_flops = sum(12 * h * d * (t if window[0] < 0 else min(window[0], t)) for window in self.window_sizes)
         return 6 * (nparams - excluded) + attn_flops
 
     def num_scaling_params(self):
@@ -331,7 +331,7 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps
     p.sub_((lr_t / bias_correction1) * exp_avg / denom)
 
 
-adamw_step_fused = compile_on_cuda(adamw_step)  # not a decorator, so that mutation testing reaches the maths
+adamw_step_fused = compile_on_cuda(adamw_step)
 
 
 def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
@@ -458,9 +458,10 @@ DEVICE_BATCH_SIZE = 128     # sequences per forward/backward; lower it if memory
 # Device and schedules (the schedules are driven by the fraction of the time budget used)
 # ---------------------------------------------------------------------------
 
-GPU_PEAK_FLOPS = {  # bf16 dense tensor-core peak by a substring of the CUDA device name; first match wins
+GPU_PEAK_FLOPS = {  # bf16 dense tensor-core peak by a part of the CUDA device name; the longest match wins
     "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.5e12, "H200": 989.5e12, "H800": 989.5e12,
-    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362.05e12, "L4": 121e12, "RTX 4090": 165.2e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362.05e12, "L40": 181.05e12, "L4": 121e12,
+    "RTX 4090": 165.2e12,
 }
 
 
@@ -470,6 +471,12 @@ def get_device():
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def get_peak_flops(device_name):
+    """bf16 dense peak of a CUDA device by its name ("NVIDIA L40" is an L40, not an L4); None where unknown."""
+    matches = [key for key in GPU_PEAK_FLOPS if key in device_name]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def get_lr_multiplier(progress):
@@ -501,7 +508,7 @@ def main():
     torch.set_float32_matmul_precision("high")
     device = get_device()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak_flops = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in device_name), None)
+    peak_flops = get_peak_flops(device_name)
     print(f"Device: {device_name} (bf16 peak: {f'{peak_flops / 1e12:.1f} TFLOP/s' if peak_flops else 'unknown, MFU n/a'})")
     if device.type == "cpu":
         keep_freed_memory()  # glibc: no unmapping and re-faulting of every large tensor at every step
@@ -552,7 +559,7 @@ def main():
 
     # the largest micro-batch up to DEVICE_BATCH_SIZE that fits; the first batch is fetched before the clock
     micro_batch, train_loader, (x, y, epoch), micro_step_seconds = fit_micro_batch(
-        model, optimizer, tokenizer, device, autocast_ctx, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE)
+        model, optimizer, tokenizer, device, autocast_ctx, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, TOTAL_BATCH_SIZE)
     grad_accum_steps = TOTAL_BATCH_SIZE // (micro_batch * MAX_SEQ_LEN)
     step_seconds = grad_accum_steps * micro_step_seconds
     expected_seconds = 11 * step_seconds + max(TIME_BUDGET, step_seconds) + EVAL_TOKENS / TOTAL_BATCH_SIZE * step_seconds / 3
@@ -638,6 +645,7 @@ def main():
     # Evaluation and summary
     # ---------------------------------------------------------------------------
 
+    model.eval()
     with autocast_ctx:
         val_bpb = evaluate_bpb(model, tokenizer, micro_batch)
     t_end = time.time()
@@ -646,7 +654,7 @@ def main():
         mfu_percent = f"{100 * num_flops_per_token * TOTAL_BATCH_SIZE * counted_steps / total_training_time / peak_flops:.2f}"
     else:
         mfu_percent = "n/a"
-    peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if device.type == "cuda" else 0.0
+    peak_vram_mb = cuda_peak_mb(device)  # training and evaluation: the memory fit reset the peak
 
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")

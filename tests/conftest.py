@@ -116,8 +116,8 @@ def tokenizer(use_cache):
 
 TINY_PREPARE = dict(MAX_SEQ_LEN="64", TIME_BUDGET="5", EVAL_TOKENS="4 * 8 * 64")
 TINY_TRAIN = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="2 * 2 * 64")
-PROJECT_FILES = ["train.py", "prepare.py", "analysis.py", "program.md", "README.md", "pyproject.toml", "uv.lock",
-                 ".python-version", ".gitignore"]
+PROJECT_FILES = ["train.py", "prepare.py", "machine.py", "analysis.py", "program.md", "README.md", "pyproject.toml",
+                 "uv.lock", ".python-version", ".gitignore"]
 
 
 def set_constants(path, **values):

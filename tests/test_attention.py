@@ -1,7 +1,8 @@
 """Attention: the PyTorch fallback against a naive masked softmax, forward and backward, with the kernel's windows.
 
-Covers the three paths of train.pytorch_attention (causal SDPA for full windows, dense mask off CUDA,
-FlexAttention block mask on CUDA; the block mask is also checked on the CPU) for windows S, L, the forced-L
+Covers the three paths of train.pytorch_attention (causal SDPA for full windows, a dense mask when called
+eagerly, the FlexAttention block mask inside a compiled graph, chosen per call; the block mask is also
+checked on the CPU) for windows S, L, the forced-L
 last layer and the edges 0 and T-1, with several query/key-value head counts. On CUDA, Flash Attention 3
 from the kernel hub against the fallback when the hub kernel loads.
 
@@ -117,6 +118,37 @@ def test_only_causal_attention_with_a_left_window_is_accepted(kwargs):
     q, k, v = (t.detach() for t in random_qkv(2, 2))
     with pytest.raises(AssertionError, match="only causal attention with a left window is implemented"):
         train.pytorch_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_window_path_is_chosen_per_call(monkeypatch, compiled):
+    """FlexAttention only inside a compiled graph (where the compiler fuses it); an eager call (an agent that
+    drops torch.compile, an evaluation that falls back) takes the dense mask, never FlexAttention unfused."""
+    left = T // 2
+    q, k, v = (t.detach().float() for t in random_qkv(2, 2))
+    expected = naive_attention(q.double(), k.double(), v.double(), left).float()
+    train.sliding_window_block_mask(T, left, q.device)  # built ahead of compilation, as main does
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    attention = lambda q, k, v: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    if compiled:
+        torch._dynamo.reset()
+        out = torch.compile(attention, backend=recording_backend, fullgraph=True)(q, k, v)
+        calls = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+        assert any("flex_attention" in c for c in calls) and not any("scaled_dot_product" in c for c in calls), calls
+        torch._dynamo.reset()
+    else:
+        def unfused(*args, **kwargs):
+            raise AssertionError("FlexAttention called eagerly")
+
+        monkeypatch.setattr(train, "flex_attention", unfused)
+        out = attention(q, k, v)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 # --- CUDA only: the hub kernel against the fallback -------------------------------------------------------

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import machine
 import prepare
 import train
 
@@ -68,7 +69,7 @@ def hand_lr_multiplier(progress, warmup=0.2, warmdown=0.5, final=0.1):
 
 
 def in_memory_fit():
-    """Whether prepare.fit_micro_batch's probe is on the call stack (its optimizer steps are undone)."""
+    """Whether machine.fit_micro_batch's probe is on the call stack (its optimizer steps are undone)."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "probe":
         frame = frame.f_back
@@ -91,7 +92,7 @@ def start_tiny_main(mp, cache, budget=BUDGET):
     clock = SimpleNamespace(now=1000.0, losses=None, optimizer_calls=[])
     fake_time = SimpleNamespace(time=lambda: clock.now, perf_counter=time.perf_counter, sleep=time.sleep)
     mp.setattr(train, "time", fake_time)
-    mp.setattr(prepare, "time", fake_time)  # the memory fit times its probes
+    mp.setattr(machine, "time", fake_time)  # the memory fit times its probes
     forward = train.GPT.forward
 
     def timed_forward(self, idx, targets=None, reduction="mean"):

@@ -14,17 +14,21 @@ size and halves a batch that does not fit. Last, a real run under an address-spa
 
 import gc
 import os
+import re
 import resource
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
+import machine
 import prepare
 import train
 from conftest import TINY_PREPARE, make_project, set_constants
-from test_loop import in_memory_fit, run_main, start_tiny_main
+from test_loop import in_memory_fit, run_main, start_tiny_main, summary_values
 from test_train_run import parse_summary, progress_lines
 
 OUT_OF_MEMORY = {  # what each device raises when an allocation fails
@@ -60,7 +64,7 @@ def first_step(mp, cache, capsys, device_batch, fits_up_to=None, error=OUT_OF_ME
     start_tiny_main(mp, cache)
     mp.setattr(train, "DEVICE_BATCH_SIZE", device_batch)
     mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
-    mp.setattr(prepare, "memory_limit", lambda device: limit)  # None: no estimate, allocation errors only
+    mp.setattr(machine, "memory_limit", lambda device: limit)  # None: no estimate, allocation errors only
     seen, after = [], []
     fail_above(mp, fits_up_to, error, seen)
     step = train.MuonAdamW.step
@@ -108,8 +112,8 @@ def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, 
     optimizer = model.setup_optimizer()
     before = [p.detach().clone() for p in model.parameters()]
     autocast = torch.autocast("cpu", enabled=False)
-    b, loader, (x, y, epoch), seconds = prepare.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
-                                                                autocast, 4, 4 * 64)
+    b, loader, (x, y, epoch), seconds = machine.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
+                                                                autocast, 4, 64, 4 * 64)
     loader.close()
     assert b == 4 and x.shape == (4, 64) and epoch == 1 and seconds > 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
@@ -127,7 +131,7 @@ def test_what_the_agent_sets_runs_whenever_it_fits(tiny_cache, capsys):
 def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys):
     with pytest.MonkeyPatch.context() as mp:
         start_tiny_main(mp, tiny_cache)
-        mp.setattr(prepare, "memory_limit", lambda device: None)
+        mp.setattr(machine, "memory_limit", lambda device: None)
         fail_above(mp, 0, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x64 and 32x64)"), [])
         with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
             run_main(capsys)
@@ -136,8 +140,8 @@ def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys)
 def test_when_not_even_one_sequence_fits_one_line_and_exit_1(tiny_cache, capsys):
     with pytest.MonkeyPatch.context() as mp:
         start_tiny_main(mp, tiny_cache)
-        mp.setattr(prepare, "memory_limit", lambda device: 24e9)
-        mp.setattr(prepare, "peak_memory", lambda device: 1e9)
+        mp.setattr(machine, "memory_limit", lambda device: 24e9)
+        mp.setattr(machine, "peak_memory", lambda device: 1e9)
         fail_above(mp, 0, OUT_OF_MEMORY["mps"], [])
         status, out = run_main(capsys)
     assert status == ("error: not even a micro-batch of 1 sequence of 64 tokens fits in 24.0 GB; "
@@ -155,8 +159,8 @@ def test_where_running_out_kills_sizes_are_extrapolated_and_never_tried_too_big(
         start_tiny_main(mp, tiny_cache)
         mp.setattr(train, "DEVICE_BATCH_SIZE", 8)
         mp.setattr(train, "TOTAL_BATCH_SIZE", 8 * 64)
-        mp.setattr(prepare, "memory_limit", lambda device: 1.25e9 + 0.25e9 * (limit_sequences - 1) / 0.85)
-        mp.setattr(prepare, "peak_memory", lambda device: 1e9 + 0.25e9 * seen[-1])
+        mp.setattr(machine, "memory_limit", lambda device: 1.25e9 + 0.25e9 * (limit_sequences - 1) / 0.85)
+        mp.setattr(machine, "peak_memory", lambda device: 1e9 + 0.25e9 * seen[-1])
         fail_above(mp, None, None, seen)
         mp.setattr(train, "TIME_BUDGET", 0.01)
         status, out = run_main(capsys)
@@ -188,6 +192,118 @@ def test_a_fast_machine_gets_no_warning(tiny_cache, capsys, monkeypatch):
     start_tiny_main(monkeypatch, tiny_cache)  # 0.25 s a step against a 3 s budget: about 6 s in all
     status, out = run_main(capsys)
     assert status == 0 and "warning" not in out
+
+
+# --- what the fit leaves behind: the peak, the compiled graphs, the evaluation's mode ---------------------------
+
+class CudaPeak:
+    """A double of CUDA's peak statistic: a forward pass of b sequences allocates b * 100 MiB at its height;
+    a reset starts the peak over and records what it cleared."""
+
+    def __init__(self):
+        self.peak, self.cleared = 0, []
+
+    def allocate(self, sequences):
+        self.peak = max(self.peak, sequences * 100 * 2**20)
+
+    def reset(self, device):
+        self.cleared.append(self.peak / 2**20)
+        self.peak = 0
+
+    def peak_mb(self, device):
+        return self.peak / 2**20
+
+
+def test_a_fit_that_shrinks_reports_the_trainings_peak_not_the_probes(tiny_cache, capsys):
+    peak = CudaPeak()
+    with pytest.MonkeyPatch.context() as mp:
+        start_tiny_main(mp, tiny_cache)
+        mp.setattr(train, "DEVICE_BATCH_SIZE", 4)
+        mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
+        mp.setattr(train, "TIME_BUDGET", 0.01)
+        mp.setattr(machine, "memory_limit", lambda device: None)
+        mp.setattr(machine, "reset_peak_memory", peak.reset)
+        mp.setattr(train, "cuda_peak_mb", peak.peak_mb)
+        fail_above(mp, 1, OUT_OF_MEMORY["cuda"], [])
+        forward = train.GPT.forward
+
+        def allocating_forward(self, idx, targets=None, reduction="mean"):
+            peak.allocate(idx.size(0))
+            return forward(self, idx, targets, reduction)
+
+        mp.setattr(train.GPT, "forward", allocating_forward)  # allocates, then fails above 1
+        status, out = run_main(capsys)
+    assert status == 0 and "using 1, 4 accumulation steps" in out
+    assert peak.cleared == [400.0]  # the probe of 4 sequences, which ran out, is what the reset cleared
+    assert summary_values(out)["peak_vram_mb"] == "100.0"  # training and evaluation at 1 sequence
+
+
+def test_the_peak_is_cudas_since_the_reset_and_zero_elsewhere(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 1536 * 2**20)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    machine.reset_peak_memory(cuda)
+    machine.reset_peak_memory(cpu)
+    assert calls == [cuda]
+    assert machine.cuda_peak_mb(cuda) == 1536.0 and machine.cuda_peak_mb(cpu) == 0.0
+
+
+def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, capsys):
+    """torch.compile with a counting backend: each size probed is a graph, the evaluation one more. With
+    torch's limit lowered to 2, the fit must raise it, or the later graphs would silently run eagerly."""
+    counter = CompileCounter()
+    real_compile = torch.compile
+    loaders, synced, evaluated_after = [], [], []
+    torch._dynamo.reset()
+    forward = train.GPT.forward
+    with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(recompile_limit=2):
+        start_tiny_main(mp, tiny_cache)
+        mp.setattr(train.GPT, "forward", forward)  # the fake clock's forward would be a new graph per tick
+        mp.setattr(train, "time", time)
+        mp.setattr(machine, "time", time)
+        mp.setattr(train, "COMPILE", True)
+        mp.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counter, **kwargs))
+        mp.setattr(train, "DEVICE_BATCH_SIZE", 4)
+        mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
+        mp.setattr(train, "TIME_BUDGET", 0.01)
+        mp.setattr(machine, "memory_limit", lambda device: None)
+        make_dataloader, evaluate_bpb = machine.make_dataloader, train.evaluate_bpb
+        mp.setattr(machine, "make_dataloader", lambda tokenizer, B, *a, **k: loaders.append(B) or make_dataloader(
+            tokenizer, B, *a, **k))
+
+        def out_of_memory_after_the_compiled_step(device):  # each probe compiles its graph, then runs out
+            synced.append(len(loaders))
+            if loaders[-1] > 1 and synced.count(len(loaders)) == 2:  # a probe's second sync: after its backward
+                raise OUT_OF_MEMORY["cuda"]()
+
+        mp.setattr(machine, "synchronize", out_of_memory_after_the_compiled_step)
+        mp.setattr(train, "evaluate_bpb", lambda model, *a: evaluated_after.append(counter.frame_count) or
+                   evaluate_bpb(model, *a))
+        status, out = run_main(capsys)
+        limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    assert status == 0, out
+    assert loaders == [4, 2, 1]
+    assert re.search(r"^Memory fit: micro-batch 1, 3 sizes probed in [\d.]+s, 3 compiled graphs \(recompile limit 5\)$",
+                     out, flags=re.M), out
+    assert limit == 3 + machine.EVALUATION_GRAPHS
+    assert evaluated_after == [3] and counter.frame_count == 4  # the training's graph was the probe's; evaluation
+
+
+def test_the_model_is_in_eval_mode_for_the_evaluation(tiny_cache, capsys):
+    modes = []
+    with pytest.MonkeyPatch.context() as mp:
+        start_tiny_main(mp, tiny_cache)
+        mp.setattr(train, "TIME_BUDGET", 0.01)
+        evaluate_bpb = train.evaluate_bpb
+        mp.setattr(train, "evaluate_bpb", lambda model, *a: modes.append(model.training) or evaluate_bpb(model, *a))
+        training = train.GPT.forward
+        seen = []
+        mp.setattr(train.GPT, "forward", lambda self, *a, **k: seen.append(self.training) or training(self, *a, **k))
+        status, out = run_main(capsys)
+    assert status == 0 and modes == [False]
+    assert seen[0] is True and seen[-1] is False  # trained in training mode, judged in eval mode
 
 
 # --- evaluate_bpb at any batch size ---------------------------------------------------------------------

@@ -60,6 +60,26 @@ def test_flops_per_token_at_depth_8():
     assert meta_model(default_config()).estimate_flops() == expected
 
 
+def test_flops_per_token_for_windows_minus_one_whole_and_half():
+    """flash_attn_func's -1 means no limit: the whole sequence, as a window of T does; T/2 counts half."""
+    C, T, heads, head_dim = 128, 256, 1, 128
+    model = meta_model(train.GPTConfig(sequence_len=T, vocab_size=512, n_layer=3, n_head=heads, n_kv_head=heads,
+                                       n_embd=C))
+    model.window_sizes = [(-1, 0), (T, 0), (T // 2, 0)]
+    matmul_weights = 3 * (12 * C * C) + 2 * (32 * 1) + 512 * C  # blocks (ve gates on layers 0 and 2), lm_head
+    expected = 6 * matmul_weights + 12 * heads * head_dim * (256 + 256 + 128)
+    assert model.estimate_flops() == expected
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA L40", 181.05e12), ("NVIDIA L40S", 362.05e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_flops_by_device_name(name, peak):
+    """The longest name in the table that appears in the device's name: an L40 is not an L4."""
+    assert train.get_peak_flops(name) == peak
+
+
 @pytest.mark.parametrize("depth", [1, 2, 5, 8])
 def test_value_embeddings_on_alternating_layers_ending_with_the_last(depth):
     model = meta_model(default_config(depth=depth))

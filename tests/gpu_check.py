@@ -1,0 +1,374 @@
+"""One command for whoever holds a GPU: the CUDA tests, the unmodified defaults for the full 5 minutes, the same
+under a 24 GB limit (a smaller card), and every attention backend this torch offers timed and checked; one
+markdown report with the GPU, driver and torch version.
+
+    python tests/gpu_check.py                  # every step not done yet, then the report (about 20 minutes)
+    python tests/gpu_check.py --step small     # one step, done again; steps: tests defaults small attention report
+    python tests/gpu_check.py --dry-run        # the plan, and which steps are done
+    python tests/gpu_check.py --out DIR        # where the figures go (default ./gpu-check, ignored by git)
+
+Plain `python` is enough (no uv): it runs train.py with the interpreter it runs under, so a machine with its
+own torch works as long as the project's imports are there (rustbpe may have to come as a wheel). It runs on
+whatever data prepare.py prepared; without network, serve a stand-in corpus as DEVELOPERS.md describes.
+Each step runs in a temporary copy of the project (the repository's judge.log is never touched), stays under
+10 minutes, and writes its figures to DIR/<step>.json (runs: DIR/<step>.log too), so a stopped check resumes
+where it stopped. Without CUDA each step takes its CPU branch: the runs use the project as it is (edit its
+constants down first, or pass --project), the 24 GB limit is skipped, the attention shapes are tiny.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+STEPS = {  # name: (what it does, minutes on an H100)
+    "tests": ("the attention tests, CUDA-only ones included (python -m pytest tests/test_attention.py)", 2),
+    "defaults": ("train.py unmodified for the full budget: summary, tokens/s, compile seconds", 7),
+    "small": ("the same under a 24 GB limit: the micro-batch chosen, recompiles, peak memory, tokens/s, val_bpb", 9),
+    "attention": ("every attention backend at the default shapes, forward and backward, checked and timed", 3),
+    "report": ("report.md from the figures of the steps above", 0),
+}
+SMALL_CARD = 24 * 2**30         # bytes: a 24 GB card (RTX 3090/4090, L4), emulated with a per-process memory fraction
+STEP_TIMEOUT = 570              # seconds a run may take: each step fits in one 10-minute command
+RUN_FILES = ["train.py", "prepare.py", "machine.py"]
+TEST_FILES = ["tests/test_attention.py"]  # the CUDA tests, and the fallback's equivalence on this torch
+TIMING_REPEATS = 10             # timed forward+backward passes per attention backend (after 3 warm-ups)
+CHECK_ATOL = 3e-2               # bf16 outputs and gradients against the float32 reference (the CUDA tests')
+LIMITED_RUN = ("import runpy, torch; total = torch.cuda.get_device_properties(0).total_memory; "
+               "torch.cuda.set_per_process_memory_fraction(min(1.0, {limit} / total)); "
+               "runpy.run_path('train.py', run_name='__main__')")
+
+# ---------------------------------------------------------------------------
+# Reading a run's log
+# ---------------------------------------------------------------------------
+
+def parse_run(log):
+    """Figures of one train.py log (progress lines rewritten with \\r kept): the summary block, the lines that
+    say how it started, and throughput and compile time from the progress lines."""
+    figures = {"summary": {}, "attention": None, "fit": None, "shrunk": None, "recompiles": 0}
+    if "\n---\n" in log:
+        figures["summary"] = dict(re.findall(r"^(\w+): +(\S+)$", log.rsplit("\n---\n", 1)[1], flags=re.M))
+    for line in re.split(r"[\r\n]", log):
+        if line.startswith("Attention: "):
+            figures["attention"] = line[len("Attention: "):]
+        elif m := re.match(r"Memory fit: micro-batch (\d+), (\d+) sizes? probed in ([\d.]+)s"
+                           r"(?:, (\d+) compiled graphs? \(recompile limit (\d+)\))?", line):
+            figures["fit"] = dict(micro_batch=int(m[1]), sizes_probed=int(m[2]), seconds=float(m[3]),
+                                  graphs=int(m[4]) if m[4] else None, recompile_limit=int(m[5]) if m[5] else None)
+        elif line.startswith("DEVICE_BATCH_SIZE ") and " does not fit" in line:
+            figures["shrunk"] = line
+        elif "Recompiling function" in line:  # TORCH_LOGS=recompiles: torch's own count
+            figures["recompiles"] += 1
+    steps = [dict(step=int(m[0]), dt=int(m[1]) / 1000, tokens_per_second=int(m[2].replace(",", "")))
+             for m in re.findall(r"step (\d{5}) \([\d.]+%\) \| .*? \| dt: (\d+)ms \| tok/sec: ([\d,]+) \|", log)]
+    counted = [s for s in steps if s["step"] > 10]  # train.py counts from step 11: the first absorb compilation
+    figures["steps"] = len(steps)
+    if counted:
+        step_seconds = statistics.median(s["dt"] for s in counted)
+        figures["step_seconds_median"] = step_seconds
+        figures["tokens_per_second_median"] = statistics.median(s["tokens_per_second"] for s in counted)
+        figures["tokens_per_second_mean"] = round(statistics.mean(s["tokens_per_second"] for s in counted))
+        warmup_extra = sum(s["dt"] for s in steps[:11]) - min(11, len(steps)) * step_seconds
+        figures["compile_seconds"] = round((figures["fit"]["seconds"] if figures["fit"] else 0) + warmup_extra, 1)
+    return figures
+
+# ---------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------
+
+def environment():
+    """What the figures were measured on."""
+    import torch
+    info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                device="cpu", driver=None)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def step_tests(args):
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *TEST_FILES]
+    t0 = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    output = result.stdout + result.stderr
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output.splitlines()[-1]
+                                                      if output.strip() else "")}
+    return dict(command=" ".join(command[1:]), status=result.returncode, seconds=round(time.time() - t0, 1),
+                passed=counts.get("passed", 0), failed=counts.get("failed", 0), skipped=counts.get("skipped", 0),
+                errors=counts.get("error", 0) + counts.get("errors", 0),
+                tail=output.splitlines()[-30:] if result.returncode else [])
+
+
+def run_train(args, name, memory_limit=None):
+    """train.py in a temporary copy of the project, as the agent runs it (output into a log); its figures."""
+    import torch
+    run_dir = tempfile.mkdtemp(prefix=f"gpu-check-{name}-")
+    for file in RUN_FILES:
+        shutil.copy(os.path.join(args.project, file), run_dir)
+    command = [sys.executable, "train.py"]
+    if memory_limit is not None:
+        command = [sys.executable, "-c", LIMITED_RUN.format(limit=memory_limit)]
+    env = dict(os.environ, PYTORCH_ALLOC_CONF="expandable_segments:True", TORCH_LOGS="recompiles",
+               PYTHONUNBUFFERED="1")
+    log_path = os.path.join(args.out, f"{name}.log")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        try:
+            status = subprocess.run(command, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    timeout=STEP_TIMEOUT).returncode
+        except subprocess.TimeoutExpired:
+            status = "timed out"
+    with open(log_path, newline="") as f:
+        text = f.read()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    figures = dict(status=status, seconds=round(time.time() - t0, 1), memory_limit_gb=memory_limit and round(
+        memory_limit / 2**30, 1), log=os.path.basename(log_path), cuda=torch.cuda.is_available(), **parse_run(text))
+    if status != 0:
+        figures["tail"] = text.replace("\r", "\n").splitlines()[-30:]
+    return figures
+
+
+def step_defaults(args):
+    return run_train(args, "defaults")
+
+
+def step_small(args):
+    import torch
+    if not torch.cuda.is_available():
+        return dict(skipped="no CUDA device: a per-process memory fraction needs one")
+    return run_train(args, "small", memory_limit=SMALL_CARD)
+
+
+def naive_reference(q, k, v, left):
+    """Float32 softmax attention over keys i-left..i on a full score matrix: the tests' reference."""
+    from test_attention import naive_attention
+    return naive_attention(q.float(), k.float(), v.float(), left)
+
+
+def attention_backends(torch, F, train, cuda):
+    """(name, the layers it serves, function(q, k, v, left) on (B, T, H, D)), every one this machine may have."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def attend(q, k, v, left):
+            with sdpa_kernel(backend):
+                y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=True)
+            return y.transpose(1, 2)
+        return attend
+
+    fallback = lambda q, k, v, left: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    backends = [("SDPA flash", "full", sdpa(SDPBackend.FLASH_ATTENTION)),
+                ("SDPA cuDNN", "full", sdpa(SDPBackend.CUDNN_ATTENTION)),
+                ("SDPA efficient", "full", sdpa(SDPBackend.EFFICIENT_ATTENTION)),
+                ("SDPA math", "full", sdpa(SDPBackend.MATH)),
+                ("fallback, eager (dense mask)", "window", fallback)]
+    if cuda:
+        backends.append(("fallback, compiled (FlexAttention)", "window", torch.compile(fallback, dynamic=False)))
+    fa3, source = train.load_flash_attention_3()
+    if fa3 is not None:
+        hub = lambda q, k, v, left: fa3(q, k, v, causal=True, window_size=(left, 0))
+        backends += [(f"Flash Attention 3 ({source})", "full", hub), (f"Flash Attention 3 ({source})", "window", hub)]
+    try:
+        from flash_attn import flash_attn_func  # PyPI's Flash Attention 2, where installed
+        pypi = lambda q, k, v, left: flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+        backends += [("Flash Attention 2 (PyPI)", "full", pypi), ("Flash Attention 2 (PyPI)", "window", pypi)]
+    except ImportError:
+        pass
+    return backends, (None if fa3 else source)
+
+
+def step_attention(args):
+    import torch
+    import torch.nn.functional as F
+    import train
+    from machine import synchronize
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:  # the default model's shapes: DEVICE_BATCH_SIZE sequences of MAX_SEQ_LEN, heads of HEAD_DIM
+        B, T, D = train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN, train.HEAD_DIM
+        H = -(-train.DEPTH * train.ASPECT_RATIO // D)
+    else:
+        B, T, H, D = 2, 256, 2, 64
+    dtype = torch.bfloat16 if cuda else torch.float32
+    windows = {"full": T, "window": T // 2}  # L and S layers
+    if cuda:
+        for left in windows.values():
+            train.sliding_window_block_mask(T, left, device)  # built ahead of compilation, as main does
+    backends, hub_reason = attention_backends(torch, F, train, cuda)
+    results = []
+    for name, layers, attend in backends:
+        left = windows[layers]
+        keys = sum(min(i, left) + 1 for i in range(T))  # keys each query sees, summed
+        flops = 3.5 * 4 * B * H * D * keys  # forward 4*B*H*D per query-key pair; backward 2.5 times that
+        row = dict(backend=name, layers=layers, window=left, shape=[B, T, H, D])
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(2, T, H, D, generator=g, device=device, dtype=dtype).requires_grad_()
+                       for _ in range(3))
+            out = attend(q, k, v, left)
+            ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            ref = naive_reference(*ref_inputs, left)
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            ref_grads = torch.autograd.grad(ref, ref_inputs, torch.ones_like(ref))
+            row["max_error"] = max((a.float() - b).abs().max().item()
+                                   for a, b in zip((out, *grads), (ref, *ref_grads)))
+            row["matches_reference"] = row["max_error"] <= (CHECK_ATOL if cuda else 1e-4)  # bf16, float32
+            q, k, v = (torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype).requires_grad_()
+                       for _ in range(3))
+            times = []
+            for i in range(3 + TIMING_REPEATS):
+                synchronize(device)
+                t0 = time.perf_counter()
+                attend(q, k, v, left).backward(torch.ones(B, T, H, D, device=device, dtype=dtype))
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+            row["ms"] = round(1000 * statistics.median(times[3:]), 3)
+            row["tflops"] = float(f"{flops / statistics.median(times[3:]) / 1e12:.3g}")
+        except Exception as e:  # not on this GPU, this torch, this dtype, or out of memory
+            row["unavailable"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        results.append(row)
+        if cuda:
+            torch.cuda.empty_cache()
+    return dict(device=str(device), dtype=str(dtype).replace("torch.", ""), backends=results,
+                hub_kernel=hub_reason or "loaded")
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+def run_section(title, figures):
+    out = [f"## {title}", ""]
+    if "skipped" in figures:
+        return out + [f"Skipped: {figures['skipped']}.", ""]
+    summary = figures.get("summary", {})
+    limit = f", limited to {figures['memory_limit_gb']} GiB" if figures.get("memory_limit_gb") else ""
+    out.append(f"Exit status {figures['status']} after {figures['seconds']} s{limit}; log: `{figures['log']}`.")
+    out.append(f"Attention: {figures.get('attention')}")
+    if figures.get("shrunk"):
+        out.append(f"`{figures['shrunk']}`")
+    fit = figures.get("fit")
+    if fit:
+        graphs = (f", {fit['graphs']} compiled graphs (recompile limit {fit['recompile_limit']})"
+                  if fit["graphs"] is not None else "")
+        out.append(f"Memory fit: micro-batch {fit['micro_batch']}, {fit['sizes_probed']} sizes probed in "
+                   f"{fit['seconds']} s{graphs}; torch logged {figures['recompiles']} recompiles.")
+    if "tokens_per_second_median" in figures:
+        out.append(f"Counted steps: median {figures['step_seconds_median'] * 1000:.0f} ms, "
+                   f"{figures['tokens_per_second_median']:,.0f} tokens/s (mean {figures['tokens_per_second_mean']:,}); "
+                   f"compile about {figures['compile_seconds']} s (the fit and the first 11 steps' excess).")
+    if summary:
+        out += ["", "```", "---"] + [f"{key + ':':18s}{value}" for key, value in summary.items()] + ["```"]
+    if figures.get("tail"):
+        out += ["", "The end of the log:", "", "```"] + figures["tail"] + ["```"]
+    return out + [""]
+
+
+def report(figures):
+    """report.md from the figures of each step (a step not run yet is named as such)."""
+    env = next((f["environment"] for f in figures.values() if "environment" in f), {})
+    out = ["# GPU check", "",
+           f"Device {env.get('device')} ({env.get('memory_gb', '?')} GB), driver {env.get('driver')}, torch "
+           f"{env.get('torch')} (CUDA {env.get('cuda')}), Triton {env.get('triton')}, Python {env.get('python')}.", ""]
+    missing = [name for name in STEPS if name != "report" and name not in figures]
+    if missing:
+        out += [f"Not run yet: {', '.join(missing)}.", ""]
+    if "tests" in figures:
+        t = figures["tests"]
+        out += ["## Tests", "", f"`{t['command']}`: {t['passed']} passed, {t['failed']} failed, {t['skipped']} "
+                f"skipped, {t['errors']} errors in {t['seconds']} s (exit status {t['status']}).", ""]
+        if t.get("tail"):
+            out += ["```"] + t["tail"] + ["```", ""]
+    if "defaults" in figures:
+        out += run_section("The defaults, full budget", figures["defaults"])
+    if "small" in figures:
+        out += run_section("Under a 24 GB limit", figures["small"])
+    if "attention" in figures:
+        a = figures["attention"]
+        out += ["## Attention backends", "", f"Forward and backward on {a['device']} in {a['dtype']}; each checked "
+                f"against the naive float32 reference on 2 sequences first. Hub kernel: {a['hub_kernel']}.", "",
+                "| backend | layers | window | B x T x H x D | ms | TFLOP/s | matches | max error |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in a["backends"]:
+            shape = " x ".join(map(str, r["shape"]))
+            if "unavailable" in r:
+                out.append(f"| {r['backend']} | {r['layers']} | {r['window']} | {shape} | unavailable: "
+                           f"{r['unavailable'].replace('|', '/')} | | | |")
+            else:
+                out.append(f"| {r['backend']} | {r['layers']} | {r['window']} | {shape} | {r['ms']} | {r['tflops']} "
+                           f"| {'yes' if r['matches_reference'] else 'NO'} | {r['max_error']:.2e} |")
+        out.append("")
+    return "\n".join(out)
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def read_figures(out):
+    figures = {}
+    for name in STEPS:
+        path = os.path.join(out, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                figures[name] = json.load(f)
+    return figures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The GPU check: CUDA tests, the defaults, a 24 GB card, attention.")
+    parser.add_argument("--step", choices=list(STEPS), help="run this step (again), then write the report")
+    parser.add_argument("--out", default=os.path.join(ROOT, "gpu-check"), help="folder of the figures and the report")
+    parser.add_argument("--project", default=ROOT, help="the project whose train.py runs (default: this one)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    args = parser.parse_args(argv)
+    args.out, args.project = os.path.abspath(args.out), os.path.abspath(args.project)
+    done = read_figures(args.out)
+    todo = [args.step] if args.step else [name for name in STEPS if name not in done or name == "report"]
+    if args.dry_run:
+        print(f"GPU check into {args.out}, project {args.project}:")
+        for name, (what, minutes) in STEPS.items():
+            state = "to run" if name in todo else "done"
+            print(f"  {name:10s} {state:7s} ~{minutes} min  {what}")
+        print(f"about {sum(STEPS[n][1] for n in todo)} minutes of GPU time; one step per call: --step NAME")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    for name in todo:
+        if name != "report":
+            print(f"{name}: {STEPS[name][0]} ...", flush=True)
+            t0 = time.time()
+            figures = globals()[f"step_{name}"](args)
+            figures["environment"] = environment()
+            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+                json.dump(figures, f, indent=1)
+            print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
+        if name == "report" or args.step:
+            text = report(read_figures(args.out))
+            with open(os.path.join(args.out, "report.md"), "w") as f:
+                f.write(text + "\n")
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

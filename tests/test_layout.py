@@ -1,0 +1,58 @@
+"""Which file holds what: prepare.py is the benchmark (constants, data, tokenizer, loader, metric) and nothing
+about the machine; machine.py (memory limits, CPU tuning, the memory fit) imports from it, never the reverse;
+and every list of the project's files names machine.py: the audit's fixed files, sky.yaml's copy into the run
+directory, mutmut's copy, program.md's files to read.
+
+    uv run pytest tests/test_layout.py
+"""
+
+import ast
+import os
+import re
+
+import yaml
+
+import analysis
+from conftest import PROJECT_FILES, ROOT
+
+
+def source(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read()
+
+
+def top_level_names(name):
+    """The functions, classes and constants a module defines, and the modules it imports."""
+    tree = ast.parse(source(name))
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return defined, imported
+
+
+MACHINE = {"memory_limit", "peak_memory", "address_space_limit", "keep_freed_memory", "bf16_slowdown",
+           "fit_micro_batch", "synchronize", "reset_peak_memory", "cuda_peak_mb"}
+
+
+def test_prepare_holds_the_benchmark_and_machine_the_machine():
+    prepare_defines, prepare_imports = top_level_names("prepare.py")
+    machine_defines, machine_imports = top_level_names("machine.py")
+    assert prepare_defines & MACHINE == set()
+    assert MACHINE <= machine_defines
+    assert not re.search(r"mallopt|RLIMIT_AS|/proc/self/status|recompile_limit", source("prepare.py"))
+    assert "machine" not in prepare_imports and "prepare" in machine_imports
+    assert {"is_out_of_memory", "release_memory", "evaluate_bpb"} <= prepare_defines  # what the judge itself needs
+
+
+def test_every_list_of_the_projects_files_names_machine_py():
+    assert {"prepare.py", "machine.py", "pyproject.toml", "uv.lock"} <= set(analysis.JUDGE_FILES)
+    assert "train.py" not in analysis.JUDGE_FILES
+    run = yaml.safe_load(source("sky.yaml"))["run"]
+    copy = next(line for line in run.splitlines() if line.strip().startswith("cp "))
+    assert {"train.py", "prepare.py", "machine.py"} <= set(copy.split())
+    assert re.search(r'also_copy = \[[^\]]*"machine\.py"', source("pyproject.toml"))
+    assert "machine.py" in PROJECT_FILES
+    assert "`machine.py`: fixed too" in source("program.md")
