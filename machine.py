@@ -13,7 +13,7 @@ import time
 import torch
 import torch._dynamo
 
-from prepare import is_out_of_memory, make_dataloader, release_memory
+from prepare import is_out_of_memory, make_dataloader, note_training_start, release_memory
 
 # ---------------------------------------------------------------------------
 # Memory: how much a run may take, how much it took
@@ -146,7 +146,8 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
     """The largest micro-batch up to `largest` (train.py's DEVICE_BATCH_SIZE) that keeps tokens_per_step exact
     and fits in memory: (size, its train loader, the loader's first batch, seconds per micro-step). Says so
     in one line when it is smaller than `largest`, and in one line what the fit cost; exits with one line
-    when not even 1 sequence fits. Leaves CUDA's peak memory reset, so the run reports its own.
+    when not even 1 sequence fits. Leaves CUDA's peak memory reset, so the run reports its own, and tells
+    the judge that training starts now and how long a step takes.
 
     A probe is one whole optimizer step (forward and backward on the first batch of a train loader of that
     size, then the optimizer's step, which allocates its state), after which the weights and the optimizer
@@ -222,6 +223,7 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
             print(f"Memory fit: micro-batch {b}, {len(probed)} size{'s' * (len(probed) != 1)} probed in "
                   f"{time.time() - t_start:.1f}s{graphs if compiled else ''}", flush=True)
             reset_peak_memory(device)
+            note_training_start(tokens_per_step // (b * seq_len) * fit[2])  # the judge's record of the start
             return (b, *fit)
     sys.exit(f"error: not even a micro-batch of 1 sequence of {seq_len} tokens fits in {memory}; "
              f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")

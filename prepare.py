@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
@@ -584,12 +585,23 @@ def _script_sha256():
 
 
 RUN_SCRIPT_SHA256 = _script_sha256()
+RUN_ID = uuid.uuid4().hex[:12]  # one per process: the audit counts each run's evaluations
+RUN_STARTED = time.time()       # the judge's own clock, started as the run imports it (train.py's clock is its own)
+_training = {}                  # when the training began and its measured seconds per step (note_training_start)
 
 
-def log_evaluation(val_bpb, tokens):
+def note_training_start(step_seconds):
+    """Called by the memory fit as the clock is about to start: the judge's own record of when training began
+    and how long a step took, against which the audit checks when the evaluation came."""
+    _training.update(started=time.time(), step_seconds=step_seconds)
+
+
+def log_evaluation(val_bpb, tokens, fields):
     """The judge's own record, for the morning audit (analysis.py): time, sha256 of the train.py that ran,
-    val_bpb, tokens evaluated; one tab-separated line appended to JUDGE_LOG. Never stops a run."""
-    line = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{RUN_SCRIPT_SHA256}\t{val_bpb:.6f}\t{tokens}\n"
+    val_bpb, tokens evaluated, then `key=value` fields (the run, its timing, the settings used, the device);
+    one tab-separated line appended to JUDGE_LOG. Never stops a run."""
+    extra = "".join(f"\t{key}={value}" for key, value in fields.items())
+    line = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{RUN_SCRIPT_SHA256}\t{val_bpb:.6f}\t{tokens}{extra}\n"
     try:
         with open(JUDGE_LOG, "a", encoding="utf-8") as f:
             f.write(line)
@@ -597,23 +609,49 @@ def log_evaluation(val_bpb, tokens):
         print(f"warning: {JUDGE_LOG} not written ({e}); the morning audit will miss this evaluation", file=sys.stderr)
 
 
-def evaluate_bpb(model, tokenizer, batch_size):
+def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
     """Validation bits per byte: summed cross-entropy (nats) of byte-carrying targets / (ln 2 * their bytes).
 
     Independent of the vocabulary size; special tokens (0 bytes) are left out of both sums. The same
     EVAL_TOKENS // MAX_SEQ_LEN rows from the start of the validation shard every time, whatever the batch
     size (rows of a last, partial batch past them are not counted); runs on the model's device. A batch
     that does not fit in memory is halved and the evaluation started again: the number does not change.
-    Each result is also appended to JUDGE_LOG (log_evaluation).
+
+    The judge runs on the settings and the code of prepare.py as it was imported: whatever a run reassigned
+    in this module is put back for the evaluation (and restored after), and named in the judge's line.
+    Each result is appended to JUDGE_LOG with the run, its timing (the judge's clock; training_seconds is
+    train.py's claim), the settings used and the device (log_evaluation).
     """
-    device = next(model.parameters()).device
+    t0 = time.time()
+    module = globals()
+    replaced = [name for name, value in JUDGE_SETTINGS.items() if module.get(name) != value]
+    replaced += [name for name, value in JUDGE_CODE.items() if module.get(name) is not value]
+    swapped = {name: module.get(name) for name in replaced}
+    module.update({name: JUDGE_SETTINGS.get(name, JUDGE_CODE.get(name)) for name in replaced})
+    try:
+        device = next(model.parameters()).device
+        val_bpb = _bits_per_byte_fitted(model, tokenizer, batch_size, device)
+        fields = dict(
+            run=RUN_ID, elapsed=f"{t0 - RUN_STARTED:.1f}",
+            training=f"{t0 - _training['started']:.1f}" if _training else "-",
+            step_seconds=f"{_training['step_seconds']:.3f}" if _training else "-",
+            training_claimed="-" if training_seconds is None else f"{training_seconds:.1f}",
+            eval_seconds=f"{time.time() - t0:.1f}", **JUDGE_SETTINGS,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            torch=torch.__version__, replaced=",".join(replaced) or "-")
+        log_evaluation(val_bpb, EVAL_TOKENS // MAX_SEQ_LEN * MAX_SEQ_LEN, fields)
+        return val_bpb
+    finally:
+        module.update({name: value for name, value in swapped.items() if value is not None})
+
+
+def _bits_per_byte_fitted(model, tokenizer, batch_size, device):
+    """_bits_per_byte at the largest batch, from batch_size down by halves, that fits in memory."""
     token_bytes = get_token_bytes(device)
     rows = EVAL_TOKENS // MAX_SEQ_LEN
     while True:
         try:
-            val_bpb = _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device)
-            log_evaluation(val_bpb, rows * MAX_SEQ_LEN)
-            return val_bpb
+            return _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device)
         except Exception as e:
             if batch_size == 1 or not is_out_of_memory(e):
                 raise
@@ -639,6 +677,12 @@ def _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device):
     total_nats = sum(t.item() for t in nats)
     total_bytes = sum(t.item() for t in nbytes)
     return total_nats / (math.log(2) * total_bytes)
+
+
+# What the judge is, as prepare.py was imported: evaluate_bpb runs on these whatever a run reassigns here
+JUDGE_SETTINGS = dict(EVAL_TOKENS=EVAL_TOKENS, MAX_SEQ_LEN=MAX_SEQ_LEN, TIME_BUDGET=TIME_BUDGET, VOCAB_SIZE=VOCAB_SIZE)
+JUDGE_CODE = {name: value for name, value in globals().items()
+              if callable(value) and getattr(value, "__module__", None) == __name__}
 
 # ---------------------------------------------------------------------------
 # Main: download, then train the tokenizer

@@ -647,7 +647,7 @@ def main():
 
     model.eval()
     with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, micro_batch)
+        val_bpb = evaluate_bpb(model, tokenizer, micro_batch, training_seconds=total_training_time)
     t_end = time.time()
 
     if peak_flops and total_training_time > 0:

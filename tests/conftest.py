@@ -99,6 +99,14 @@ def no_home_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(prepare, "JUDGE_LOG", str(tmp_path / "judge.log"))  # not the working directory
 
 
+def judge_settings(mp, **values):
+    """Set the benchmark's constants for a test as an edited prepare.py would: the module's names and the judge's
+    own copy (evaluate_bpb puts back whatever was reassigned in the module alone)."""
+    for name, value in values.items():
+        mp.setattr(prepare, name, value)
+        mp.setitem(prepare.JUDGE_SETTINGS, name, value)
+
+
 @pytest.fixture
 def use_cache(monkeypatch, tiny_cache):
     """Point prepare at the tiny cache for one test (a token cache of its own)."""

@@ -23,6 +23,7 @@ import pytest
 import machine
 import prepare
 import train
+from conftest import judge_settings
 
 BUDGET, STEP_SECONDS = 3, 0.25
 
@@ -81,8 +82,7 @@ def start_tiny_main(mp, cache, budget=BUDGET):
     mp.setattr(prepare, "DATA_DIR", cache.data_dir)
     mp.setattr(prepare, "JUDGE_LOG", os.path.join(cache.dir, "judge.log"))  # module-scoped runs too: never the cwd
     mp.setattr(prepare, "TOKENIZER_DIR", cache.tokenizer_dir)
-    mp.setattr(prepare, "MAX_SEQ_LEN", 64)
-    mp.setattr(prepare, "EVAL_TOKENS", 2 * 2 * 64)
+    judge_settings(mp, MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget)
     for name, value in dict(MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget, DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32,
                             DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64, WARMUP_RATIO=0.2,
                             FINAL_LR_FRAC=0.1).items():
@@ -93,6 +93,7 @@ def start_tiny_main(mp, cache, budget=BUDGET):
     fake_time = SimpleNamespace(time=lambda: clock.now, perf_counter=time.perf_counter, sleep=time.sleep)
     mp.setattr(train, "time", fake_time)
     mp.setattr(machine, "time", fake_time)  # the memory fit times its probes
+    mp.setattr(prepare, "time", fake_time)  # and the judge its evaluation
     forward = train.GPT.forward
 
     def timed_forward(self, idx, targets=None, reduction="mean"):

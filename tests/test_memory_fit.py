@@ -27,7 +27,7 @@ from torch._dynamo.testing import CompileCounter
 import machine
 import prepare
 import train
-from conftest import TINY_PREPARE, make_project, set_constants
+from conftest import TINY_PREPARE, judge_settings, make_project, set_constants
 from test_loop import in_memory_fit, run_main, start_tiny_main, summary_values
 from test_train_run import parse_summary, progress_lines
 
@@ -104,7 +104,6 @@ def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny
 
 
 def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
@@ -278,8 +277,8 @@ def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, c
                 raise OUT_OF_MEMORY["cuda"]()
 
         mp.setattr(machine, "synchronize", out_of_memory_after_the_compiled_step)
-        mp.setattr(train, "evaluate_bpb", lambda model, *a: evaluated_after.append(counter.frame_count) or
-                   evaluate_bpb(model, *a))
+        mp.setattr(train, "evaluate_bpb", lambda model, *a, **k: evaluated_after.append(counter.frame_count) or
+                   evaluate_bpb(model, *a, **k))
         status, out = run_main(capsys)
         limit = torch._dynamo.config.recompile_limit
     torch._dynamo.reset()
@@ -297,7 +296,8 @@ def test_the_model_is_in_eval_mode_for_the_evaluation(tiny_cache, capsys):
         start_tiny_main(mp, tiny_cache)
         mp.setattr(train, "TIME_BUDGET", 0.01)
         evaluate_bpb = train.evaluate_bpb
-        mp.setattr(train, "evaluate_bpb", lambda model, *a: modes.append(model.training) or evaluate_bpb(model, *a))
+        mp.setattr(train, "evaluate_bpb", lambda model, *a, **k: modes.append(model.training) or
+                   evaluate_bpb(model, *a, **k))
         training = train.GPT.forward
         seen = []
         mp.setattr(train.GPT, "forward", lambda self, *a, **k: seen.append(self.training) or training(self, *a, **k))
@@ -310,8 +310,7 @@ def test_the_model_is_in_eval_mode_for_the_evaluation(tiny_cache, capsys):
 
 @pytest.fixture
 def random_gpt(use_cache, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 32)
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 12 * 32 + 5)  # 12 rows
+    judge_settings(monkeypatch, MAX_SEQ_LEN=32, EVAL_TOKENS=12 * 32 + 5)  # 12 rows
     monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
     torch.manual_seed(0)
     model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
@@ -323,12 +322,11 @@ def random_gpt(use_cache, monkeypatch):
     return model
 
 
-def test_evaluate_bpb_is_the_same_at_every_batch_size(tokenizer, random_gpt):
+def test_evaluate_bpb_is_the_same_at_every_batch_size(tokenizer, random_gpt, monkeypatch):
     values = {b: prepare.evaluate_bpb(random_gpt, tokenizer, b) for b in (1, 2, 3, 4, 5, 7, 12, 16)}
     for b, value in values.items():
         assert value == pytest.approx(values[12], rel=1e-6), b  # 5, 7 and 16 end with a partial batch
-    one_row_less = prepare.EVAL_TOKENS - 32
-    prepare.EVAL_TOKENS = one_row_less  # (monkeypatched by the fixture: restored after the test)
+    judge_settings(monkeypatch, EVAL_TOKENS=prepare.EVAL_TOKENS - 32)  # one row less
     assert prepare.evaluate_bpb(random_gpt, tokenizer, 4) != pytest.approx(values[12], rel=1e-6)
 
 

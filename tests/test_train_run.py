@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import TINY_PREPARE, TINY_TRAIN, make_project, set_constants
+from conftest import TINY_PREPARE, TINY_TRAIN, judge_settings, make_project, set_constants
 from test_evaluate import UniformModel
 
 SUMMARY = [  # key, value format; values start in column 19
@@ -100,8 +100,7 @@ def test_counted_steps_and_training_seconds_match_the_progress_lines(baseline):
 
 
 def test_val_bpb_is_finite_and_beats_uniform_prediction(baseline, use_cache, tokenizer, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * 8 * 64)
+    judge_settings(monkeypatch, MAX_SEQ_LEN=64, EVAL_TOKENS=4 * 8 * 64)
     uniform = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=2)  # the run evaluates these tokens
     val_bpb = float(parse_summary(baseline[1])["val_bpb"])
     assert math.isfinite(val_bpb) and 0 < val_bpb < 0.9 * uniform
