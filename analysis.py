@@ -4,20 +4,26 @@ The morning report: what the night's results.tsv says, progress.png, and an audi
     uv run analysis.py                        # ./results.tsv; writes ./progress.png beside it
     uv run analysis.py path/to/results.tsv    # another ledger
     uv run analysis.py --no-plot              # the report and the audit only
+    uv run analysis.py --branch autoresearch/nov22   # the night's branch, where the kept commits do not tell
 
-The agent writes results.tsv by hand. The audit checks it against what happened: the judge (prepare.py,
-machine.py, pyproject.toml, uv.lock) is the same at HEAD as at the baseline's commit; every kept commit is in the
-branch and every discarded or crashed one was reset away; each keep beats the best before it; and every
-number was written by evaluate_bpb itself, which appends a line to judge.log beside results.tsv for each
-evaluation (the sha256 of the train.py that ran, and its val_bpb). Exit status 1 when there is a finding.
+The agent writes results.tsv by hand. The audit checks it against what happened, on the night's branch (the
+one holding the kept commits, whatever is checked out): only train.py changed, at the branch's tip and in
+each kept commit; no untracked .py file sits beside train.py; every kept commit is in the branch and every
+discarded or crashed one was reset away; each keep beats the best before it; and every number is one that
+evaluate_bpb wrote into judge.log during the night, one run per row, judged once, with the baseline's
+settings, on one device, soon enough after its training began. Exit status 1 when there is a finding.
 """
 
 import argparse
+import ast
 import hashlib
+import operator
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -25,8 +31,13 @@ from dataclasses import dataclass
 
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
-JUDGE_FILES = ["prepare.py", "machine.py", "pyproject.toml", "uv.lock"]  # what the agent may never change
+AGENT_FILES = ["train.py"]     # the only file a night may change; every other file of the project is fixed
 JUDGE_LOG = "judge.log"        # evaluate_bpb's own record, beside results.tsv
+JUDGE_SETTINGS = ["EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE"]  # prepare.py's, logged per evaluation
+TIME_SLACK = 1.25              # an evaluation may come this many times (budget + 12 measured steps) after the
+TIME_GRACE = 60                # training began, plus these seconds, before it counts as trained past the budget
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}  # what prepare.py's constants are written with
 LABEL_CHARS = 45               # kept runs are labelled with this much of their description
 TOP_GAINS = 5                  # largest gains listed
 
@@ -124,6 +135,15 @@ def report(rows):
 # The audit: the ledger against git and the judge's own log
 # ---------------------------------------------------------------------------
 
+@dataclass
+class JudgeRun:
+    line: int          # line number in judge.log
+    time: float        # when the judge wrote it (seconds since the epoch)
+    sha256: str        # of the train.py that ran
+    val_bpb: str       # 6 decimals, as train.py printed it
+    fields: dict       # key=value fields of newer lines: run, timing, settings, device ({} in older lines)
+
+
 def git(directory, *args):
     """stdout of a git command in `directory`, or None when it fails."""
     try:
@@ -134,70 +154,227 @@ def git(directory, *args):
 
 
 def read_judge_log(path):
-    """{sha256 of the train.py that ran: set of val_bpb strings (6 decimals)} from judge.log."""
-    evaluations = {}
+    """Every evaluation in judge.log, old 4-field lines included; lines that are not the judge's are skipped."""
+    runs = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             fields = line.rstrip("\r\n").split("\t")
-            if len(fields) >= 3:
-                evaluations.setdefault(fields[1], set()).add(fields[2])
-    return evaluations
+            try:
+                when = datetime.strptime(fields[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+            except ValueError:
+                continue
+            if len(fields) >= 4:
+                extra = dict(field.split("=", 1) for field in fields[4:] if "=" in field)
+                runs.append(JudgeRun(number, when, fields[1], fields[2], extra))
+    return runs
 
 
-def audit(rows, directory):
-    """One finding (text) per thing the ledger claims that did not happen; notes for checks not made."""
+def find_branch(rows, directory, named=None):
+    """(the night's branch, a note or None): the branch named, else the one holding the most kept commits,
+    an autoresearch/* branch before others, the checked-out one next, the newest last. Then the report works
+    from any checkout of the repository."""
+    if named:
+        if git(directory, "rev-parse", "--verify", "--quiet", f"refs/heads/{named}") is None:
+            sys.exit(f"error: no branch {named!r} in {directory}; `git branch --list 'autoresearch/*'` lists the nights")
+        return named, None
+    branches = (git(directory, "for-each-ref", "--format=%(refname:short)", "refs/heads") or "").split()
+    if not branches:
+        return "HEAD", None
+    held = {branch: 0 for branch in branches}
+    for commit in {r.commit for r in rows if r.status == "keep"}:
+        for branch in (git(directory, "for-each-ref", "--contains", commit, "--format=%(refname:short)",
+                           "refs/heads") or "").split():
+            held[branch] += 1
+    current = git(directory, "symbolic-ref", "--quiet", "--short", "HEAD")
+    rank = {b: (-held[b], not b.startswith("autoresearch/"), b != current) for b in branches}
+    ranked = sorted(branches, key=lambda b: (rank[b], -(night_start(directory, b) or 0)))
+    tied = [b for b in ranked if rank[b] == rank[ranked[0]]]
+    if len(tied) > 1:
+        return ranked[0], f"{', '.join(tied)} hold the kept commits alike: audited the newest, {ranked[0]} (--branch names one)"
+    return ranked[0], None
+
+
+def night_start(directory, branch):
+    """When the night's branch was created (git's reflog), or None where git no longer knows."""
+    log = git(directory, "reflog", "show", "--date=unix", "--format=%gd", f"refs/heads/{branch}", "--")
+    if not log:
+        return None
+    return float(log.splitlines()[-1].rsplit("@{", 1)[1].rstrip("}"))
+
+
+def settings_of(source):
+    """The benchmark's constants as a prepare.py's text assigns them (numbers and arithmetic only), as strings."""
+    def number(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -number(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+            return ARITHMETIC[type(node.op)](number(node.left), number(node.right))
+        raise ValueError(ast.dump(node))
+
+    settings = {}
+    for node in ast.parse(source).body:
+        names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if isinstance(node, ast.Assign) and len(names) == 1 and names[0] in JUDGE_SETTINGS:
+            try:
+                settings[names[0]] = str(number(node.value))
+            except (ValueError, ArithmeticError):
+                pass  # not a plain number: left unchecked
+    return settings
+
+
+def match_runs(rows, runs, sha_of):
+    """{row line: the judge's run behind it}: each finished row takes one run of its commit's train.py with its
+    val_bpb, never one another row took; and the finding for each row that has none."""
+    matched, findings, taken = {}, [], set()
+    for row in rows:
+        if row.status == "crash" or sha_of.get(row.commit) is None:
+            continue
+        own = [run for run in runs if run.sha256 == sha_of[row.commit]]
+        free = [run for run in own if run.val_bpb == f"{row.val_bpb:.6f}" and run.line not in taken]
+        if free:
+            matched[row.line] = free[0]
+            taken.add(free[0].line)
+        elif not own:
+            findings.append(f"line {row.line}: {row.commit} has no evaluation in {JUDGE_LOG} (was it run?)")
+        elif any(run.val_bpb == f"{row.val_bpb:.6f}" for run in own):
+            findings.append(f"line {row.line}: {row.commit} at {row.val_bpb_text} has no run of its own in {JUDGE_LOG}: "
+                            f"another row took the only evaluation with that number (a copied row?)")
+        else:
+            findings.append(f"line {row.line}: val_bpb {row.val_bpb_text} of {row.commit} is not a number the judge "
+                            f"wrote for it ({', '.join(sorted({run.val_bpb for run in own}))})")
+    return matched, findings
+
+
+def kept_diff_signs(diff):
+    """(findings, notes) for the lines a kept commit adds to train.py: writing into prepare or judge.log, and
+    the weaker signs of training on the validation split or reading the token cache."""
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    findings, notes = [], []
+    for line in added:
+        code = line.split("#", 1)[0]
+        if re.search(r"\bprepare\s*\.\s*\w+(\s*\.\s*\w+|\[[^\]]*\])*\s*([-+*/]?=)(?!=)|setattr\(\s*prepare\b|"
+                     r"vars\(\s*prepare\s*\)|\bprepare\.__dict__|sys\.modules\[\s*['\"]prepare", code):
+            findings.append(f"assigns into prepare: {line.strip()}")
+        if re.search(r"judge\.log|JUDGE_LOG", code):
+            findings.append(f"names the judge's log: {line.strip()}")
+        if re.search(r"['\"]val['\"]", code):
+            notes.append(f"names the validation split: {line.strip()}")
+        if re.search(r"TOKENS_DIR|\.npz\b|['\"]tokens['\"]", code):
+            notes.append(f"names the token cache: {line.strip()}")
+    return findings, notes
+
+
+def audit(rows, directory, branch=None):
+    """One finding (text) per thing the ledger claims that did not happen, or that the rules forbid; notes for
+    weaker signs and for checks not made."""
     findings, notes = [], []
     if git(directory, "rev-parse", "--git-dir") is None:
         return findings, [f"{directory} is not a git repository: the audit needs one"]
+    branch, note = find_branch(rows, directory, branch)
+    notes += [note] if note else []
+    tip = git(directory, "rev-parse", "--verify", "--quiet", f"{branch}^{{commit}}")
     full = {r.commit: git(directory, "rev-parse", "--verify", "--quiet", f"{r.commit}^{{commit}}") for r in rows}
     for row in rows:
         if full[row.commit] is None:
             findings.append(f"line {row.line}: commit {row.commit} is not in the repository")
 
-    # the judge was not touched
+    # only train.py changed: the branch against the baseline, each keep against its parent, and nothing untracked
     baseline = next((r for r in rows if r.status != "crash" and full[r.commit]), None)
     if baseline:
-        for name in JUDGE_FILES:
-            before = git(directory, "rev-parse", f"{full[baseline.commit]}:{name}")
-            if before != git(directory, "rev-parse", f"HEAD:{name}"):
-                findings.append(f"{name}: changed since the baseline ({baseline.commit}) at HEAD")
-        changed = git(directory, "diff", "--name-only", "HEAD", "--", *JUDGE_FILES)
-        for name in (changed or "").split():
-            findings.append(f"{name}: changed in the working tree (not committed)")
+        changed = git(directory, "diff", "--name-only", full[baseline.commit], tip) or ""
+        for name in sorted(set(changed.split()) - set(AGENT_FILES)):
+            findings.append(f"{name}: changed since the baseline ({baseline.commit}) in {branch}")
+        if branch == git(directory, "symbolic-ref", "--quiet", "--short", "HEAD"):
+            for name in sorted(set((git(directory, "diff", "--name-only", "HEAD") or "").split()) - set(AGENT_FILES)):
+                findings.append(f"{name}: changed in the working tree (not committed)")
+        kept = {r.commit: r for r in rows if r.status == "keep" and full[r.commit] and
+                full[r.commit] != full[baseline.commit]}
+        for commit, row in kept.items():
+            parent = f"{full[commit]}^"
+            for name in sorted(set((git(directory, "diff", "--name-only", parent, full[commit]) or "").split())
+                               - set(AGENT_FILES)):
+                findings.append(f"line {row.line}: kept {commit} changes {name} (only {', '.join(AGENT_FILES)} may change)")
+            signs, weak = kept_diff_signs(git(directory, "diff", parent, full[commit], "--", *AGENT_FILES) or "")
+            findings += [f"line {row.line}: kept {commit} {sign}" for sign in signs]
+            notes += [f"line {row.line}: kept {commit} {sign}" for sign in weak]
+    tracked = set((git(directory, "ls-files") or "").splitlines())
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".py") and n not in tracked):
+        findings.append(f"{name}: a .py file beside train.py that git does not track (train.py can import it; "
+                        f"no commit records it)")
 
     # the ratchet held: keeps in the branch, the rest reset away, each keep better than the best before it
     best = None
     for row in rows:
         if full[row.commit] is None:
             continue
-        in_branch = git(directory, "merge-base", "--is-ancestor", full[row.commit], "HEAD") is not None
+        in_branch = git(directory, "merge-base", "--is-ancestor", full[row.commit], tip) is not None
         if row.status == "keep" and not in_branch:
-            findings.append(f"line {row.line}: kept commit {row.commit} is not in the branch (reset away?)")
+            findings.append(f"line {row.line}: kept commit {row.commit} is not in {branch} (reset away?)")
         if row.status != "keep" and in_branch:
-            findings.append(f"line {row.line}: {row.status} commit {row.commit} is still in the branch (not reset)")
+            findings.append(f"line {row.line}: {row.status} commit {row.commit} is still in {branch} (not reset)")
         if row.status == "keep":
             if best is not None and row.val_bpb >= best:
                 findings.append(f"line {row.line}: kept {row.commit} at {row.val_bpb:.6f} does not beat the best "
                                 f"kept before it, {best:.6f}")
             best = row.val_bpb if best is None else min(best, row.val_bpb)
 
-    # the numbers are the judge's: each finished row matches an evaluation of that commit's train.py
+    # the numbers are the judge's: each finished row has a run of its own, run as the rules say
     judge_log = os.path.join(directory, JUDGE_LOG)
     finished = [r for r in rows if r.status != "crash" and full[r.commit]]
     if finished and not os.path.exists(judge_log):
         findings.append(f"{JUDGE_LOG}: missing beside the ledger, so no number can be checked "
                         f"(evaluate_bpb writes it in the directory train.py runs in)")
         return findings, notes
-    evaluations = read_judge_log(judge_log) if finished else {}
-    for row in finished:
-        source = subprocess.run(["git", "show", f"{full[row.commit]}:train.py"], cwd=directory, capture_output=True)
-        values = evaluations.get(hashlib.sha256(source.stdout).hexdigest(), set())
-        if not values:
-            findings.append(f"line {row.line}: {row.commit} has no evaluation in {JUDGE_LOG} (was it run?)")
-        elif f"{row.val_bpb:.6f}" not in values:
-            findings.append(f"line {row.line}: val_bpb {row.val_bpb_text} of {row.commit} is not a number the judge "
-                            f"wrote for it ({', '.join(sorted(values))})")
+    start = night_start(directory, branch)
+    runs = read_judge_log(judge_log) if finished else []
+    if start is None and runs:
+        notes.append(f"git does not know when {branch} was made: runs of earlier nights in {JUDGE_LOG} may count")
+    runs = [run for run in runs if start is None or run.time >= start - 1]  # a night is its branch
+    sha_of = {r.commit: train_sha256(directory, full[r.commit]) for r in finished}
+    matched, unmatched = match_runs(finished, runs, sha_of)
+    findings += unmatched
+    expected = settings_of(git(directory, "show", f"{full[baseline.commit]}:prepare.py") or "") if baseline else {}
+    rows_by_line = {r.line: r for r in rows}
+    devices = {}
+    for line, run in matched.items():
+        row, fields = rows_by_line[line], run.fields
+        if not fields:
+            continue
+        devices.setdefault(fields.get("device"), []).append(row.line)
+        again = [other for other in runs if other.fields.get("run") == fields.get("run")]
+        if len(again) > 1:
+            findings.append(f"line {row.line}: {row.commit}'s run evaluated {len(again)} times ({JUDGE_LOG} lines "
+                            f"{', '.join(str(r.line) for r in again)}): a run is judged once")
+        other = {k: (fields.get(k), v) for k, v in expected.items() if fields.get(k) != v}
+        if other:
+            findings.append(f"line {row.line}: {row.commit} was judged with other settings than the baseline's "
+                            f"prepare.py: " + ", ".join(f"{k} {got} (not {want})" for k, (got, want) in other.items()))
+        if fields.get("replaced", "-") != "-":
+            findings.append(f"line {row.line}: {row.commit}'s run replaced the judge's {fields['replaced']} in prepare "
+                            f"(the judge put it back for the evaluation)")
+        if "-" not in (fields.get("training", "-"), fields.get("step_seconds", "-")):
+            budget = float(fields.get("TIME_BUDGET", expected.get("TIME_BUDGET", 300)))
+            allowed = TIME_SLACK * (budget + 12 * float(fields["step_seconds"])) + TIME_GRACE
+            if float(fields["training"]) > allowed:
+                findings.append(f"line {row.line}: {row.commit} was evaluated {float(fields['training']):.0f}s after its "
+                                f"training began; a {budget:.0f}s budget and its {float(fields['step_seconds']):.3f}s "
+                                f"steps allow about {allowed:.0f}s (trained past the budget?)")
+    if len(devices) > 1:
+        findings.append(f"{JUDGE_LOG}: the night ran on {len(devices)} devices, whose results do not compare: " +
+                        "; ".join(f"{d} (lines {', '.join(map(str, ls))})" for d, ls in devices.items()))
+    old = sum(1 for run in matched.values() if not run.fields)
+    if old:
+        notes.append(f"{old} evaluation(s) logged by an older prepare.py: their run, timing, settings and device "
+                     f"were not checked")
     return findings, notes
+
+
+def train_sha256(directory, commit):
+    """sha256 of train.py as committed, what the judge logs for a run of that commit."""
+    source = subprocess.run(["git", "show", f"{commit}:train.py"], cwd=directory, capture_output=True)
+    return hashlib.sha256(source.stdout).hexdigest() if source.returncode == 0 else None
 
 # ---------------------------------------------------------------------------
 # progress.png
@@ -252,6 +429,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="The morning report on a night of experiments, with an audit.")
     parser.add_argument("ledger", nargs="?", default="results.tsv", help="the ledger (default ./results.tsv)")
     parser.add_argument("--no-plot", action="store_true", help="do not write progress.png")
+    parser.add_argument("--branch", help="the night's branch (default: the one holding the kept commits)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.ledger):
         sys.exit(f"error: no ledger at {args.ledger}; the agent creates results.tsv at setup (see program.md), "
@@ -263,10 +441,11 @@ def main(argv=None):
         path = os.path.join(directory, "progress.png")
         plot_progress(rows, path)
         print(f"\nChart: {path}")
-    findings, notes = audit(rows, directory)
-    findings = problems + findings
+    branch, note = find_branch(rows, directory, args.branch) if git(directory, "rev-parse", "--git-dir") else (None, None)
+    findings, notes = audit(rows, directory, branch)
+    findings, notes = problems + findings, ([note] if note else []) + notes
     clean = " (a clean night)" if not findings and not notes else ""
-    print(f"\nAudit: {len(findings)} finding{'s' * (len(findings) != 1)}{clean}")
+    print(f"\nAudit{f' of {branch}' if branch else ''}: {len(findings)} finding{'s' * (len(findings) != 1)}{clean}")
     for line in findings + [f"note: {n}" for n in notes]:
         print(f"  {line}")
     return 1 if findings else 0

@@ -5,7 +5,8 @@
   --help prints): an unknown subcommand, flag or argument count fails;
 - sky.yaml's setup and run are executed locally with bash on the tiny project, the data served on loopback
   (a cluster without the network beyond it), and the output, prefixed as `sky logs` prefixes it, is read
-  with parallel.md's own commands into a ledger row and judge.log lines that the morning audit accepts;
+  with parallel.md's own commands into a ledger row, and the cluster's own judge.log is copied as it was
+  into the night's, which the morning audit accepts;
 - a wave of three results arriving out of order gives the ledger and branch parallel.md describes.
 
 SkyPilot is imported in a subprocess whose HOME is a temporary directory (it writes ~/.sky).
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timezone
 
 import pytest
 import yaml
@@ -35,7 +37,7 @@ with open(os.path.join(ROOT, "sky.yaml")) as f:
     TASK = yaml.safe_load(f)
 CODE = code_lines(PROTOCOL)
 INLINE = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", PROTOCOL, flags=re.S))
-EXAMPLE = {"<tag>": "nov23", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3", "<base>": "HEAD",
+EXAMPLE = {"<tag>": "nov23", "<gpu>": "H100", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3", "<base>": "HEAD",
            "<sha256>": "0" * 64, "<description>": "an idea"}
 
 
@@ -99,7 +101,7 @@ def check_with_skypilot(commands, tmp):
 def test_skypilot_parses_the_task_file(skypilot):
     assert skypilot["name"] == "autoresearch" and skypilot["workdir"] == "."
     assert set(skypilot["envs"]) == {"EXPERIMENT_ID", "COMMIT", "TRAIN_SHA256", "DESCRIPTION", "NUM_SHARDS"}
-    assert skypilot["accelerators"] == ["{'H100': 1}", "{'H200': 1}"]  # any one GPU of these
+    assert skypilot["accelerators"] == ["{'H100': 1}"]  # one type for the night; --gpus names another
     assert "uv sync --locked" in skypilot["setup"] and "uv run prepare.py" in skypilot["setup"]
     assert "uv run train.py > run.log 2>&1" in skypilot["run"]  # the one-GPU command, unchanged
 
@@ -154,7 +156,7 @@ def new_experiment(repo, id, base, edit=None, description=None):
     sh(fill(protocol_command("git worktree add --detach ../worktrees/<id> <base>"), id=id, base=base), repo)
     if edit is not None:
         edit(os.path.join(worktree, "train.py"))
-        sh(fill(protocol_command("git -C ../worktrees/<id> commit"), id=id, description=description), repo)
+        sh(fill(protocol_command("git -C ../worktrees/<id> commit -qam"), id=id, description=description), repo)
     commit = sh(fill(protocol_command("git -C ../worktrees/<id> rev-parse"), id=id), repo).strip()
     sha = sh(fill(protocol_command("git -C ../worktrees/<id> show HEAD:train.py"), id=id), repo).split()[0]
     return worktree, commit, sha
@@ -223,32 +225,47 @@ def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(night, cl
     values = dict(line.split(":", 1) for line in sh(fill(protocol_command("grep -o \"val_bpb"), id="w1-1"),
                                                     night).splitlines())
     assert set(values) == {"val_bpb", "peak_vram_mb"}
-    sh(fill(protocol_command("grep -o \"judge"), id="w1-1"), night)
+    copy_judge_file(night, "w1-1", env["HOME"])
     with open(os.path.join(night, "results.tsv"), "a") as f:
         f.write(f"{commit}\t{float(values['val_bpb']):.6f}\t{float(values['peak_vram_mb']) / 1024:.1f}\tkeep\tbaseline\n")
     rows, problems = analysis.read_ledger(os.path.join(night, "results.tsv"))
     assert problems == [] and len(rows) == 1
     with open(os.path.join(night, "judge.log")) as f:
         judged = f.read().splitlines()
+    with open(os.path.join(env["HOME"], "autoresearch-runs", "w1-1", "judge.log")) as f:
+        assert judged == f.read().splitlines()  # the cluster's own file, as it was
     assert len(judged) == 1 and judged[0].split("\t")[1:3] == [sha, values["val_bpb"].strip()]
     assert analysis.audit(rows, night) == ([], [])  # the run's number, checked against the judge's own line
 
 
 # --- a wave, results out of order -------------------------------------------------------------------------------
 
-def record(repo, id, commit, sha, val_bpb):
-    """A result as it arrives: the fetched log (the task's output lines) and its judge line copied."""
-    lines = [f"experiment: {id}", f"commit: {commit}", f"val_bpb:          {val_bpb:.6f}",
-             "peak_vram_mb:     45060.2", f"judge: 2026-11-23T02:00:00Z\t{sha}\t{val_bpb:.6f}\t20971520"]
+def copy_judge_file(repo, id, cluster_home):
+    """parallel.md's copy of the cluster's judge.log into the night's, the cluster's SSH host being its HOME here."""
+    for prefix in ("scp ", "cat logs/"):
+        command = fill(protocol_command(prefix), id=id)
+        sh(command.replace(fill("ar-<tag>-<i>:"), f"{cluster_home}/"), repo)
+
+
+def record(repo, id, commit, sha, val_bpb, cluster_home):
+    """A result as it arrives: the fetched log (the task's output lines), the cluster's judge.log copied."""
+    lines = [f"experiment: {id}", f"commit: {commit}", f"val_bpb:          {val_bpb:.6f}", "peak_vram_mb:     45060.2"]
     with open(os.path.join(repo, fill("logs/<id>.log", id=id)), "w") as f:
         f.write("".join(f"(autoresearch, pid=77) {line}\n" for line in lines))
-    sh(fill(protocol_command("grep -o \"judge"), id=id), repo)
+    run_dir = os.path.join(cluster_home, "autoresearch-runs", id)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "judge.log"), "w") as f:  # what the judge on the cluster wrote
+        f.write(f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{sha}\t{val_bpb:.6f}\t2048\trun={id}\t"
+                f"elapsed=12.0\ttraining=6.1\tstep_seconds=0.040\ttraining_claimed=5.0\teval_seconds=0.5\t"
+                f"EVAL_TOKENS=2048\tMAX_SEQ_LEN=64\tTIME_BUDGET=5\tVOCAB_SIZE=8192\tdevice=NVIDIA H100 80GB HBM3\t"
+                f"torch=2.9.1+cu128\treplaced=-\n")  # the tiny project's settings
+    copy_judge_file(repo, id, cluster_home)
     out = sh(fill(protocol_command("grep -o \"val_bpb"), id=id), repo)
     return float(re.search(r"val_bpb:\s*(\S+)", out).group(1))
 
 
-def test_a_wave_arriving_out_of_order_keeps_its_best_and_reruns_the_other_gain(night):
-    repo = night
+def test_a_wave_arriving_out_of_order_keeps_its_best_and_reruns_the_other_gain(night, tmp_path):
+    repo, home = night, str(tmp_path / "cluster_home")
     ledger = os.path.join(repo, "results.tsv")
     edits = {"w1-2": ("MATRIX_LR 0.04 -> 0.05", "MATRIX_LR", "0.05"),
              "w1-3": ("WARMDOWN_RATIO 0.5 -> 0.6", "WARMDOWN_RATIO", "0.6"),
@@ -258,7 +275,7 @@ def test_a_wave_arriving_out_of_order_keeps_its_best_and_reruns_the_other_gain(n
         wave[id] = new_experiment(repo, id, "autoresearch/nov23", lambda p, n=name, v=value: set_constants(p, **{n: v}),
                                   description)
     arrivals = [("w1-4", 1.010), ("w1-2", 0.995), ("w1-1", 1.000), ("w1-3", 0.990)]  # the order they finish
-    results = {id: record(repo, id, wave[id][1], wave[id][2], value) for id, value in arrivals}
+    results = {id: record(repo, id, wave[id][1], wave[id][2], value, home) for id, value in arrivals}
 
     # the wave is in: the baseline is the best it is judged against; its lowest beats it and is kept
     best = results["w1-1"]
@@ -279,7 +296,7 @@ def test_a_wave_arriving_out_of_order_keeps_its_best_and_reruns_the_other_gain(n
     sh(fill(protocol_command("git -C ../worktrees/<id> cherry-pick"), id="w2-1", commit=wave["w1-2"][1]), repo)
     commit = sh(fill(protocol_command("git -C ../worktrees/<id> rev-parse"), id="w2-1"), repo).strip()
     sha = sh(fill(protocol_command("git -C ../worktrees/<id> show HEAD:train.py"), id="w2-1"), repo).split()[0]
-    value = record(repo, "w2-1", commit, sha, 0.987)
+    value = record(repo, "w2-1", commit, sha, 0.987, home)
     assert value < results[winner]
     sh(fill(protocol_command("git merge --ff-only"), commit=commit), repo)
     with open(ledger, "a") as f:
