@@ -16,10 +16,14 @@ settings, on one device, soon enough after its training began. Exit status 1 whe
 
 import argparse
 import ast
+import functools
 import hashlib
+import json
+import math
 import operator
 import os
 import re
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,6 +42,9 @@ TIME_SLACK = 1.25              # an evaluation may come this many times (budget 
 TIME_GRACE = 60                # training began, plus these seconds, before it counts as trained past the budget
 ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}  # what prepare.py's constants are written with
+CLEAR_QUANTILE = 0.999        # a first run is kept at once when its gain is this far out in the noise (t-quantile)
+CONFIRM_QUANTILE = 0.8         # else it is run again and kept when the mean's gain is this far out
+MIN_NOISE = 0.0001             # the least noise floor the margins assume: identical runs must not make every gain clear
 LABEL_CHARS = 45               # kept runs are labelled with this much of their description
 TOP_GAINS = 5                  # largest gains listed
 
@@ -87,48 +94,159 @@ def read_ledger(path):
     return rows, problems
 
 # ---------------------------------------------------------------------------
+# Experiments and their noise: a commit's rows are its runs
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Experiment:
+    commit: str
+    rows: list         # its rows in the ledger: one per run (re-runs are more rows), all with one status
+
+    @property
+    def status(self):
+        return self.rows[0].status
+
+    @property
+    def runs(self):
+        return [r.val_bpb for r in self.rows if r.status != "crash"]
+
+    @property
+    def mean(self):
+        return statistics.fmean(self.runs) if self.runs else None
+
+    @property
+    def description(self):
+        return self.rows[0].description
+
+
+def experiments(rows):
+    """The ledger's rows grouped by commit, in the order each commit first appears."""
+    by_commit = {}
+    for row in rows:
+        by_commit.setdefault(row.commit, []).append(row)
+    return [Experiment(commit, commit_rows) for commit, commit_rows in by_commit.items()]
+
+
+def noise_floor(groups):
+    """(pooled standard deviation, degrees of freedom) of the groups of runs (one per commit) with two or more."""
+    groups = [g for g in groups if len(g) >= 2]
+    df = sum(len(g) - 1 for g in groups)
+    squares = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in groups)
+    return (math.sqrt(squares / df) if df else None), df
+
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t with a whole number of degrees of freedom (Abramowitz and Stegun 26.7.3, 26.7.4)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos2, total = math.cos(theta) ** 2, 0.0
+    if df % 2:
+        term = math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= cos2 * 2 * k / (2 * k + 1)
+        both_sides = 2 / math.pi * (theta + math.sin(theta) * total)
+    else:
+        term = 1.0
+        for k in range(1, df // 2 + 1):
+            total += term
+            term *= cos2 * (2 * k - 1) / (2 * k)
+        both_sides = math.sin(theta) * total
+    return 0.5 + math.copysign(both_sides / 2, t)
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p, df):
+    """The t with P(T <= t) = p (0.5 <= p < 1), by bisection of t_cdf."""
+    low, high = 0.0, 1e7
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+def decide(runs, best_runs, sigma, df):
+    """(keep, discard or rerun; the gain of the runs' mean over the best's mean; the margin it was held to).
+
+    A first run that does not beat the best is discarded, one that beats it by a clear margin is kept, one
+    in between is run again; after that the mean of the runs is kept only if it beats the best by the
+    confirming margin. Margins are t-quantiles of the noise floor on its degrees of freedom (wide while the
+    floor rests on one pair) times the standard error of the difference of the two means."""
+    gain = statistics.fmean(best_runs) - statistics.fmean(runs)
+    error = max(sigma or 0.0, MIN_NOISE) * math.sqrt(1 / len(runs) + 1 / len(best_runs))
+    if len(runs) == 1:
+        margin = t_quantile(CLEAR_QUANTILE, max(df, 1)) * error
+        return ("discard" if gain <= 0 else "keep" if gain >= margin else "rerun"), gain, margin
+    margin = t_quantile(CONFIRM_QUANTILE, max(df, 1)) * error
+    return ("keep" if gain > 0 and gain >= margin else "discard"), gain, margin
+
+# ---------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------
 
-def chain_of_keeps(rows):
-    """[(row, gain over the best before it, or None for the baseline)] for the kept rows, in order."""
-    baseline = next((r for r in rows if r.status != "crash"), None)
-    best, chain = baseline.val_bpb if baseline else None, []
-    for row in rows:
-        if row.status == "keep":
-            chain.append((row, None if row is baseline else best - row.val_bpb))
-            best = min(best, row.val_bpb)
+def chain_of_keeps(exps):
+    """[(experiment, gain of its mean over the best mean before it, or None for the baseline)], in order."""
+    baseline = next((e for e in exps if e.runs), None)
+    best, chain = baseline.mean if baseline else None, []
+    for exp in exps:
+        if exp.status == "keep" and exp.runs:
+            chain.append((exp, None if exp is baseline else best - exp.mean))
+            best = min(best, exp.mean)
     return chain
+
+
+def summarize(rows):
+    """The night's figures (what the report prints and --json gives), experiments counted as commits."""
+    exps = experiments(rows)
+    kept, discarded, crashed = ([e for e in exps if e.status == s] for s in STATUSES)
+    sigma, df = noise_floor([e.runs for e in exps])
+    baseline = next((e for e in exps if e.runs), None)
+    best = min((e for e in kept if e.runs), key=lambda e: e.mean, default=None)
+    described = lambda e: e and dict(commit=e.commit, description=e.description, runs=e.runs, mean=e.mean)
+    chain = [dict(described(e), gain=gain, within_noise=gain is not None and sigma is not None and gain < sigma,
+                  memory_gb=max(r.memory_gb for r in e.rows)) for e, gain in chain_of_keeps(exps)]
+    decided = len(kept) + len(discarded)
+    return dict(
+        experiments=len(exps), kept=len(kept), discarded=len(discarded), crashed=len(crashed),
+        keep_rate=len(kept) / decided if decided else None, runs=sum(len(e.runs) for e in exps),
+        noise_floor=dict(sigma=sigma, df=df, commits=sum(1 for e in exps if len(e.runs) >= 2)),
+        baseline=described(baseline), best=described(best),
+        improvement=baseline.mean - best.mean if baseline and best else None, chain=chain,
+        crashes=[dict(commit=e.commit, description=e.description) for e in crashed])
 
 
 def report(rows):
     """The morning report, as lines of text."""
-    kept, discarded, crashed = ([r for r in rows if r.status == s] for s in STATUSES)
-    decided = len(kept) + len(discarded)
-    keep_rate = f"{100 * len(kept) / decided:.0f}%" if decided else "n/a"
-    out = [f"Experiments: {len(rows)} ({len(kept)} kept, {len(discarded)} discarded, {len(crashed)} crashed); "
-           f"keep rate {keep_rate} of the {decided} that finished"]
-    baseline = next((r for r in rows if r.status != "crash"), None)
+    s = summarize(rows)
+    rate = f"{100 * s['keep_rate']:.0f}%" if s["keep_rate"] is not None else "n/a"
+    out = [f"Experiments: {s['experiments']} ({s['kept']} kept, {s['discarded']} discarded, {s['crashed']} crashed); "
+           f"keep rate {rate} of the {s['kept'] + s['discarded']} that finished"]
+    floor = s["noise_floor"]
+    out.append(f"Runs:        {s['runs']} finished; noise floor " + (
+        f"{floor['sigma']:.6f} ({floor['df']} df, from {floor['commits']} commits run more than once)"
+        if floor["sigma"] is not None else "unknown (no commit run twice: program.md runs the baseline twice)"))
+    baseline, best = s["baseline"], s["best"]
     if baseline is None:
         return out + ["No experiment has finished yet: nothing to compare."]
-    out.append(f"Baseline:    {baseline.val_bpb:.6f}  ({baseline.commit}, {baseline.description})")
-    if not kept:
+    runs_of = lambda e: f"; mean of {len(e['runs'])} runs" if len(e["runs"]) > 1 else ""
+    out.append(f"Baseline:    {baseline['mean']:.6f}  ({baseline['commit']}, {baseline['description']}{runs_of(baseline)})")
+    if best is None:
         return out + ["Best:        nothing kept yet"]
-    best = min(kept, key=lambda r: r.val_bpb)
-    gain = baseline.val_bpb - best.val_bpb
-    out.append(f"Best:        {best.val_bpb:.6f}  ({best.commit}, {best.description})")
-    out.append(f"Improvement: {gain:.6f} ({100 * gain / baseline.val_bpb:.2f}%)")
-    out += ["", "Kept, in order:", f"  {'commit':8s} {'val_bpb':>9s} {'gain':>9s} {'memory':>7s}  description"]
-    chain = chain_of_keeps(rows)
-    for row, step_gain in chain:
-        gain_text = "baseline" if step_gain is None else f"{step_gain:+.6f}"
-        out.append(f"  {row.commit:8s} {row.val_bpb:9.6f} {gain_text:>9s} {row.memory_gb:5.1f}GB  {row.description}")
-    gains = sorted(((g, r) for r, g in chain if g is not None), key=lambda x: -x[0])
+    out.append(f"Best:        {best['mean']:.6f}  ({best['commit']}, {best['description']}{runs_of(best)})")
+    out.append(f"Improvement: {s['improvement']:.6f} ({100 * s['improvement'] / baseline['mean']:.2f}%)")
+    out += ["", "Kept, in order (means of their runs):",
+            f"  {'commit':8s} {'val_bpb':>9s} {'gain':>10s} {'runs':>4s} {'memory':>7s}  description"]
+    for e in s["chain"]:
+        gain = "baseline " if e["gain"] is None else f"{e['gain']:+.6f}{'~' if e['within_noise'] else ' '}"
+        out.append(f"  {e['commit']:8s} {e['mean']:9.6f} {gain:>10s} {len(e['runs']):4d} {e['memory_gb']:5.1f}GB  "
+                   f"{e['description']}")
+    if any(e["within_noise"] for e in s["chain"]):
+        out.append(f"  ~ a gain within the noise floor ({floor['sigma']:.6f})")
+    gains = sorted((e for e in s["chain"] if e["gain"] is not None), key=lambda e: -e["gain"])
     if gains:
         out += ["", f"Largest gains (of {len(gains)}):"]
-        out += [f"  {g:+.6f}  {r.commit}  {r.description}" for g, r in gains[:TOP_GAINS]]
-    if crashed:
-        out += ["", f"Crashes ({len(crashed)}):"] + [f"  {r.commit}  {r.description}" for r in crashed]
+        out += [f"  {e['gain']:+.6f}  {e['commit']}  {e['description']}" for e in gains[:TOP_GAINS]]
+    if s["crashes"]:
+        out += ["", f"Crashes ({len(s['crashes'])}):"] + [f"  {c['commit']}  {c['description']}" for c in s["crashes"]]
     return out
 
 # ---------------------------------------------------------------------------
@@ -304,21 +422,26 @@ def audit(rows, directory, branch=None):
         findings.append(f"{name}: a .py file beside train.py that git does not track (train.py can import it; "
                         f"no commit records it)")
 
-    # the ratchet held: keeps in the branch, the rest reset away, each keep better than the best before it
+    # the ratchet held, on means: keeps in the branch, the rest reset away, each keep better than the best before it
     best = None
-    for row in rows:
-        if full[row.commit] is None:
+    for exp in experiments(rows):
+        row = exp.rows[0]
+        if full[exp.commit] is None:
             continue
-        in_branch = git(directory, "merge-base", "--is-ancestor", full[row.commit], tip) is not None
-        if row.status == "keep" and not in_branch:
-            findings.append(f"line {row.line}: kept commit {row.commit} is not in {branch} (reset away?)")
-        if row.status != "keep" and in_branch:
-            findings.append(f"line {row.line}: {row.status} commit {row.commit} is still in {branch} (not reset)")
-        if row.status == "keep":
-            if best is not None and row.val_bpb >= best:
-                findings.append(f"line {row.line}: kept {row.commit} at {row.val_bpb:.6f} does not beat the best "
-                                f"kept before it, {best:.6f}")
-            best = row.val_bpb if best is None else min(best, row.val_bpb)
+        statuses = sorted({r.status for r in exp.rows})
+        if len(statuses) > 1:
+            findings.append(f"lines {', '.join(str(r.line) for r in exp.rows)}: {exp.commit}'s rows say "
+                            f"{' and '.join(statuses)}; a commit's rows carry its one decision")
+        in_branch = git(directory, "merge-base", "--is-ancestor", full[exp.commit], tip) is not None
+        if exp.status == "keep" and not in_branch:
+            findings.append(f"line {row.line}: kept commit {exp.commit} is not in {branch} (reset away?)")
+        if exp.status != "keep" and in_branch:
+            findings.append(f"line {row.line}: {exp.status} commit {exp.commit} is still in {branch} (not reset)")
+        if exp.status == "keep" and exp.runs:
+            if best is not None and exp.mean >= best:
+                findings.append(f"line {row.line}: kept {exp.commit} at {exp.mean:.6f} (mean of {len(exp.runs)}) "
+                                f"does not beat the best kept before it, {best:.6f}")
+            best = exp.mean if best is None else min(best, exp.mean)
 
     # the numbers are the judge's: each finished row has a run of its own, run as the rules say
     judge_log = os.path.join(directory, JUDGE_LOG)
@@ -381,45 +504,90 @@ def train_sha256(directory, commit):
 # ---------------------------------------------------------------------------
 
 def plot_progress(rows, path):
-    """The chart: finished experiments in order, discarded grey, kept green and labelled, the running best."""
+    """The chart: finished experiments in order, every run a point (discarded grey, kept green), kept ones
+    labelled, and the running best of the kept means."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [r for r in rows if r.status != "crash"]
-    x = list(range(len(finished)))
-    kept_x = [i for i, r in zip(x, finished) if r.status == "keep"]
-    improvements = len([r for r, gain in chain_of_keeps(rows) if gain is not None])
+    exps = experiments(rows)
+    finished = [e for e in exps if e.runs]
+    points = {status: [(i, v) for i, e in enumerate(finished) if e.status == status for v in e.runs]
+              for status in ("discard", "keep")}
+    kept_x = [i for i, e in enumerate(finished) if e.status == "keep"]
+    improvements = len([e for e, gain in chain_of_keeps(exps) if gain is not None])
     fig, ax = plt.subplots(figsize=(16, 8))
-    ax.scatter([i for i, r in zip(x, finished) if r.status == "discard"],
-               [r.val_bpb for r in finished if r.status == "discard"],
+    ax.scatter([i for i, _ in points["discard"]], [v for _, v in points["discard"]],
                s=12, color="#bbbbbb", alpha=0.5, label="discarded", zorder=2)
-    ax.scatter(kept_x, [finished[i].val_bpb for i in kept_x], s=50, color="#2ca02c", edgecolors="black",
-               linewidths=0.5, label="kept", zorder=3)
+    ax.scatter([i for i, _ in points["keep"]], [v for _, v in points["keep"]], s=50, color="#2ca02c",
+               edgecolors="black", linewidths=0.5, label="kept", zorder=3)
     if kept_x:
         best, running = [], float("inf")
         for i in range(kept_x[0], len(finished)):
             if finished[i].status == "keep":
-                running = min(running, finished[i].val_bpb)
+                running = min(running, finished[i].mean)
             best.append(running)
         ax.step(range(kept_x[0], len(finished)), best, where="post", color="#2ca02c", linewidth=1.5,
-                label="running best", zorder=1)
+                label="running best (mean)", zorder=1)
         for i in kept_x:
             text = finished[i].description
             text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 3] + "..."
-            ax.annotate(text, (i, finished[i].val_bpb), xytext=(4, 6), textcoords="offset points", fontsize=7,
+            ax.annotate(text, (i, finished[i].mean), xytext=(4, 6), textcoords="offset points", fontsize=7,
                         rotation=30, color="#1a6b1a")
-        low, high = min(finished[i].val_bpb for i in kept_x), finished[0].val_bpb
+        low, high = min(finished[i].mean for i in kept_x), finished[0].mean
         span = (high - low) or 0.01 * high or 0.01
         ax.set_ylim(low - 0.15 * span, max(high, low) + 0.15 * span)
     ax.set_xlabel("Experiment #")
     ax.set_ylabel("Validation BPB (lower is better)")
-    ax.set_title(f"Autoresearch Progress: {len(rows)} Experiments, {improvements} Kept Improvements")
+    ax.set_title(f"Autoresearch Progress: {len(exps)} Experiments, {improvements} Kept Improvements")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     return fig
+
+# ---------------------------------------------------------------------------
+# The decision on one commit (--decide): keep, discard or run again
+# ---------------------------------------------------------------------------
+
+def decide_commit(ledger, commit="HEAD", branch=None):
+    """(exit status, one line): the decision on `commit` from its runs in judge.log this night (what the judge
+    wrote) against the best kept commit's runs and the noise floor in results.tsv."""
+    directory = os.path.dirname(os.path.abspath(ledger))
+    rows, _ = read_ledger(ledger)
+    full = git(directory, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if full is None:
+        return 2, f"error: {commit} is not a commit of {directory}"
+    short, sha = full[:7], train_sha256(directory, full)
+    branch, _ = find_branch(rows, directory, branch)
+    start = night_start(directory, branch)
+    judge_log = os.path.join(directory, JUDGE_LOG)
+    runs = [run for run in (read_judge_log(judge_log) if os.path.exists(judge_log) else [])
+            if run.sha256 == sha and (start is None or run.time >= start - 1)]
+    if not runs:
+        return 2, (f"error: no finished run of {short}'s train.py in {JUDGE_LOG} tonight: run it first "
+                   f"(`uv run train.py > run.log 2>&1`); a run that crashed is logged as a crash, not decided")
+    values = [float(run.val_bpb) for run in runs]
+    runs_text = f"{short} runs {' '.join(f'{v:.6f}' for v in values)} (mean {statistics.fmean(values):.6f})"
+    others = [e for e in experiments(rows) if not full.startswith(e.commit)]
+    sigma, df = noise_floor([e.runs for e in others] + [values])
+    floor = (f"noise floor {sigma:.6f} ({df} df)" if sigma is not None else "noise floor unknown") + (
+        f", taken as {MIN_NOISE:.6f}" if (sigma or 0) < MIN_NOISE else "")
+    chain = chain_of_keeps(others)
+    if not chain:  # nothing finished before it: the baseline, run twice to measure the night's noise
+        if len(values) < 2:
+            return 0, f"rerun: {runs_text}: the baseline; run it again, the pair measures the night's noise"
+        return 0, f"keep: {runs_text}: the baseline; {floor}"
+    best = min((e for e, _ in chain), key=lambda e: e.mean)
+    decision, gain, margin = decide(values, best.runs, sigma, df)
+    best_text = f"best {best.commit} runs {' '.join(f'{v:.6f}' for v in best.runs)} (mean {best.mean:.6f})"
+    if gain <= 0:
+        why = f"gain {gain:+.6f}: not lower than the best"
+    else:
+        why = (f"gain {gain:+.6f} {'>=' if gain >= margin else '<'} margin {margin:.6f} "
+               f"{'to keep at once' if len(values) == 1 else 'to confirm'}")
+    then = "; run it again, then decide again" if decision == "rerun" else ""
+    return 0, f"{decision}: {runs_text}, {best_text}: {why}; {floor}{then}"
 
 # ---------------------------------------------------------------------------
 # Main
@@ -430,20 +598,32 @@ def main(argv=None):
     parser.add_argument("ledger", nargs="?", default="results.tsv", help="the ledger (default ./results.tsv)")
     parser.add_argument("--no-plot", action="store_true", help="do not write progress.png")
     parser.add_argument("--branch", help="the night's branch (default: the one holding the kept commits)")
+    parser.add_argument("--decide", nargs="?", const="HEAD", metavar="COMMIT",
+                        help="keep, discard or rerun for HEAD (or COMMIT), from its runs in judge.log, and why")
+    parser.add_argument("--json", action="store_true", help="the whole report as one JSON object")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.ledger):
         sys.exit(f"error: no ledger at {args.ledger}; the agent creates results.tsv at setup (see program.md), "
                  f"or pass its path")
     directory = os.path.dirname(os.path.abspath(args.ledger))
+    if args.decide:
+        status, line = decide_commit(args.ledger, args.decide, args.branch)
+        print(line, file=sys.stderr if status else sys.stdout)
+        return status
     rows, problems = read_ledger(args.ledger)
-    print("\n".join(report(rows)))
+    chart = None
     if not args.no_plot and rows:
-        path = os.path.join(directory, "progress.png")
-        plot_progress(rows, path)
-        print(f"\nChart: {path}")
+        chart = os.path.join(directory, "progress.png")
+        plot_progress(rows, chart)
     branch, note = find_branch(rows, directory, args.branch) if git(directory, "rev-parse", "--git-dir") else (None, None)
     findings, notes = audit(rows, directory, branch)
     findings, notes = problems + findings, ([note] if note else []) + notes
+    if args.json:
+        print(json.dumps(dict(summarize(rows), branch=branch, chart=chart, findings=findings, notes=notes), indent=1))
+        return 1 if findings else 0
+    print("\n".join(report(rows)))
+    if chart:
+        print(f"\nChart: {chart}")
     clean = " (a clean night)" if not findings and not notes else ""
     print(f"\nAudit{f' of {branch}' if branch else ''}: {len(findings)} finding{'s' * (len(findings) != 1)}{clean}")
     for line in findings + [f"note: {n}" for n in notes]:

@@ -12,7 +12,9 @@ a hand-typed val_bpb, a row whose commit never ran.
     uv run pytest tests/test_analysis.py
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import matplotlib.image
 import pytest
 
 import analysis
-from conftest import Agent
+from conftest import GREP, RUN, Agent, replace_in
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 LEDGER = [  # a night with known figures
@@ -53,20 +55,73 @@ def test_the_report_gives_exact_figures(tmp_path):
     status, out = run_report(write(tmp_path, [HEADER] + LEDGER), "--no-plot")
     lines = out.splitlines()
     assert lines[0] == "Experiments: 7 (4 kept, 2 discarded, 1 crashed); keep rate 67% of the 6 that finished"
-    assert lines[1] == "Baseline:    1.000000  (a000001, baseline)"
-    assert lines[2] == "Best:        0.955000  (a000007, x0 lambdas at 0.2)"
-    assert lines[3] == "Improvement: 0.045000 (4.50%)"
-    chain = lines[lines.index("Kept, in order:") + 2:][:4]
-    assert [line.split()[:3] for line in chain] == [["a000001", "1.000000", "baseline"],
-                                                    ["a000002", "0.990000", "+0.010000"],
-                                                    ["a000005", "0.960000", "+0.030000"],
-                                                    ["a000007", "0.955000", "+0.005000"]]
+    assert lines[1] == ("Runs:        6 finished; noise floor unknown (no commit run twice: program.md runs the "
+                        "baseline twice)")
+    assert lines[2] == "Baseline:    1.000000  (a000001, baseline)"
+    assert lines[3] == "Best:        0.955000  (a000007, x0 lambdas at 0.2)"
+    assert lines[4] == "Improvement: 0.045000 (4.50%)"
+    chain = lines[lines.index("Kept, in order (means of their runs):") + 2:][:4]
+    assert [line.split()[:4] for line in chain] == [["a000001", "1.000000", "baseline", "1"],
+                                                    ["a000002", "0.990000", "+0.010000", "1"],
+                                                    ["a000005", "0.960000", "+0.030000", "1"],
+                                                    ["a000007", "0.955000", "+0.005000", "1"]]
     assert chain[2].endswith("45.1GB  warmdown 0.5 -> 0.7, \"cosine\"")  # commas and quotes kept as written
     gains = lines[lines.index("Largest gains (of 3):") + 1:][:3]
     assert [g.split()[:2] for g in gains] == [["+0.030000", "a000005"], ["+0.010000", "a000002"],
                                               ["+0.005000", "a000007"]]
     assert "Crashes (1):" in lines and "  a000004  DEPTH 16 (out of memory)" in lines
     assert status == 0 or "not a git repository" in out  # tmp_path has no git: the audit says so
+
+
+RERUNS = [  # a night of the noise rule: the baseline pair, a re-run kept, a re-run discarded, a clear keep
+    "b000001\t1.000000\t44.0\tkeep\tbaseline",
+    "b000001\t1.000400\t44.0\tkeep\tbaseline",
+    "b000002\t0.999500\t44.0\tkeep\tMATRIX_LR 0.05",
+    "b000002\t0.999300\t44.1\tkeep\tMATRIX_LR 0.05",
+    "b000003\t0.999000\t44.0\tdiscard\tseed 137",
+    "b000003\t0.999800\t44.0\tdiscard\tseed 137",
+    "b000004\t0.000000\t0.0\tcrash\tDEPTH 16",
+    "b000005\t0.990000\t45.0\tkeep\tbigger batch",
+]
+
+
+def test_the_report_counts_commits_and_takes_means_of_their_runs(tmp_path):
+    """Floor: pooled over the pairs (0.0004, 0.0002, 0.0008 apart): sqrt((8e-8 + 2e-8 + 32e-8) / 3) on 3 df."""
+    status, out = run_report(write(tmp_path, [HEADER] + RERUNS), "--no-plot")
+    lines = out.splitlines()
+    floor = (42e-8 / 3) ** 0.5
+    assert lines[0] == "Experiments: 5 (3 kept, 1 discarded, 1 crashed); keep rate 75% of the 4 that finished"
+    assert lines[1] == f"Runs:        7 finished; noise floor {floor:.6f} (3 df, from 3 commits run more than once)"
+    assert lines[2] == "Baseline:    1.000200  (b000001, baseline; mean of 2 runs)"
+    assert lines[3] == "Best:        0.990000  (b000005, bigger batch)"
+    assert lines[4] == "Improvement: 0.010200 (1.02%)"
+    chain = lines[lines.index("Kept, in order (means of their runs):") + 2:][:3]
+    assert [line.split()[:4] for line in chain] == [["b000001", "1.000200", "baseline", "2"],
+                                                    ["b000002", "0.999400", "+0.000800", "2"],
+                                                    ["b000005", "0.990000", "+0.009400", "1"]]
+    assert chain[1].split()[4] == "44.1GB"  # the most memory of its runs
+    assert f"  ~ a gain within the noise floor ({floor:.6f})" not in lines  # 0.0008 > 0.000374
+    within = [HEADER] + RERUNS[:2] + [r.replace("0.999300", "1.000300") for r in RERUNS[2:4]]
+    marked = run_report(write(tmp_path, within), "--no-plot")[1].splitlines()
+    assert "  b000002   0.999900 +0.000300~    2  44.1GB  MATRIX_LR 0.05" in marked  # 0.0003 < floor 0.000447
+    assert "  ~ a gain within the noise floor (0.000447)" in marked
+
+
+def test_the_json_report_holds_the_whole_night(tmp_path):
+    status, out = run_report(write(tmp_path, [HEADER] + RERUNS), "--json", "--no-plot")
+    night = json.loads(out)
+    assert (night["experiments"], night["kept"], night["discarded"], night["crashed"], night["runs"]) == (5, 3, 1, 1, 7)
+    assert night["keep_rate"] == 0.75 and night["noise_floor"]["df"] == 3 and night["noise_floor"]["commits"] == 3
+    assert night["noise_floor"]["sigma"] == pytest.approx((42e-8 / 3) ** 0.5)
+    assert night["baseline"] == dict(commit="b000001", description="baseline", runs=[1.0, 1.0004],
+                                     mean=pytest.approx(1.0002))
+    assert night["best"]["commit"] == "b000005" and night["improvement"] == pytest.approx(0.0102)
+    assert [(e["commit"], e["runs"], e["within_noise"]) for e in night["chain"]] == [
+        ("b000001", [1.0, 1.0004], False), ("b000002", [0.9995, 0.9993], False), ("b000005", [0.99], False)]
+    assert night["chain"][1]["gain"] == pytest.approx(0.0008) and night["chain"][0]["gain"] is None
+    assert night["crashes"] == [dict(commit="b000004", description="DEPTH 16")]
+    assert night["branch"] is None and night["findings"] == [] and night["chart"] is None
+    assert night["notes"] == [f"{tmp_path} is not a git repository: the audit needs one"]
 
 
 @pytest.mark.parametrize("case", ["header only", "crash first", "no keep", "blank lines", "crlf", "cr"])
@@ -127,7 +182,7 @@ def test_the_chart_plots_every_finished_run_and_the_running_best(tmp_path):
     # crashes left out: x counts the finished runs only, from 0
     assert discarded == [[2, 1.0042], [4, 0.975]]
     assert kept == [[0, 1.0], [1, 0.99], [3, 0.96], [5, 0.955]]
-    (step,) = [line for line in ax.get_lines() if line.get_label() == "running best"]
+    (step,) = [line for line in ax.get_lines() if line.get_label() == "running best (mean)"]
     assert step.get_drawstyle() == "steps-post"
     assert list(step.get_xdata()) == [0, 1, 2, 3, 4, 5]
     assert list(step.get_ydata()) == [1.0, 0.99, 0.99, 0.96, 0.96, 0.955]
@@ -137,6 +192,19 @@ def test_the_chart_plots_every_finished_run_and_the_running_best(tmp_path):
     low, high = ax.get_ylim()
     assert low == pytest.approx(0.955 - 0.15 * 0.045) and high == pytest.approx(1.0 + 0.15 * 0.045)
     assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_shows_every_run_and_the_running_best_of_means(tmp_path):
+    rows, _ = analysis.read_ledger(write(tmp_path, [HEADER] + RERUNS))
+    ax = analysis.plot_progress(rows, str(tmp_path / "progress.png")).axes[0]
+    discarded, kept = (c.get_offsets().tolist() for c in ax.collections)
+    assert discarded == [[2, 0.999], [2, 0.9998]]  # both runs of the discarded commit, at its x
+    assert kept == [[0, 1.0], [0, 1.0004], [1, 0.9995], [1, 0.9993], [3, 0.99]]
+    (step,) = [line for line in ax.get_lines() if line.get_label() == "running best (mean)"]
+    assert list(step.get_xdata()) == [0, 1, 2, 3]
+    assert step.get_ydata() == pytest.approx([1.0002, 0.9994, 0.9994, 0.99])
+    assert [t.xy for t in ax.texts] == [(0, pytest.approx(1.0002)), (1, pytest.approx(0.9994)), (3, 0.99)]
+    assert ax.get_title() == "Autoresearch Progress: 5 Experiments, 2 Kept Improvements"
 
 
 def test_long_descriptions_are_shortened_on_the_chart(tmp_path):
@@ -168,13 +236,16 @@ def ledger_lines(project):
 def test_a_clean_night_reports_its_real_figures_and_exits_0(copy_night):
     project, runs = copy_night
     judge = (project / "judge.log").read_text().splitlines()
-    assert len(judge) == 2  # the baseline and the worse idea were evaluated; the crashes never were
+    assert len(judge) == 5  # the baseline twice, the worse idea, the better one twice; the crashes never were
     status, out = run_report(str(project / "results.tsv"))
     assert status == 0, out
-    baseline, worse = runs["baseline"][1], runs["worse"][1]
-    assert out.splitlines()[0] == "Experiments: 4 (1 kept, 1 discarded, 2 crashed); keep rate 50% of the 2 that finished"
-    assert f"Baseline:    {baseline:.6f}" in out and f"Best:        {baseline:.6f}" in out
-    assert "Improvement: 0.000000 (0.00%)" in out
+    baseline, better = (sum(runs[name][1]) / 2 for name in ("baseline", "better"))
+    lines = out.splitlines()
+    assert lines[0] == "Experiments: 5 (2 kept, 1 discarded, 2 crashed); keep rate 67% of the 3 that finished"
+    assert lines[1].startswith("Runs:        5 finished; noise floor ") and "(2 df, from 2 commits run more" in lines[1]
+    assert lines[2].startswith(f"Baseline:    {baseline:.6f}  (") and lines[2].endswith(", baseline; mean of 2 runs)")
+    assert lines[3].endswith(", MATRIX_LR 0.04 -> 0.16; mean of 2 runs)") and f"Best:        {better:.6f}" in lines[3]
+    assert f"Improvement: {baseline - better:.6f}" in out
     assert "Audit of autoresearch/nov22: 0 findings (a clean night)" in out
     assert os.path.exists(project / "progress.png")
 
@@ -186,7 +257,7 @@ def test_the_morning_report_works_from_main(copy_night):
     status, out = run_report(str(project / "results.tsv"), "--no-plot")
     assert status == 0 and "Audit of autoresearch/nov22: 0 findings (a clean night)" in out, out
     status, out = run_report(str(project / "results.tsv"), "--no-plot", "--branch", "main")  # named: as asked
-    assert "Audit of main: 0 findings" in out
+    assert status == 1 and "Audit of main: 1 finding\n  line 7: kept commit " in out and "is not in main" in out
     result = subprocess.run([sys.executable, analysis.__file__, str(project / "results.tsv"), "--branch", "nov23"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip().startswith("error: no branch 'nov23' in ")
@@ -199,7 +270,7 @@ def test_an_old_judges_log_is_still_read(copy_night):
     log.write_text("".join("\t".join(line.split("\t")[:4]) + "\n" for line in log.read_text().splitlines()))
     status, out = run_report(str(project / "results.tsv"), "--no-plot")
     assert status == 0, out
-    assert ("  note: 2 evaluation(s) logged by an older prepare.py: their run, timing, settings and device were not "
+    assert ("  note: 5 evaluation(s) logged by an older prepare.py: their run, timing, settings and device were not "
             "checked\n") in out
 
 
@@ -239,9 +310,11 @@ def plant(project, what):
         (project / "prepare.py").write_text((project / "prepare.py").read_text().replace("TIME_BUDGET = 5", "TIME_BUDGET = 6"))
         git(project, "commit", "-qam", "a longer budget")
     elif what == "discarded commit left in history":
-        lines[1] = lines[1].replace("\tkeep\t", "\tdiscard\t")  # the baseline's commit is in the branch
+        lines[1:3] = [line.replace("\tkeep\t", "\tdiscard\t") for line in lines[1:3]]  # the baseline stays
     elif what == "kept commit reset away":
-        lines[2] = lines[2].replace("\tdiscard\t", "\tkeep\t")  # the worse idea was reset
+        lines[3] = lines[3].replace("\tdiscard\t", "\tkeep\t")  # the worse idea was reset
+    elif what == "rows that disagree":
+        lines[7] = lines[7].replace("\tkeep\t", "\tdiscard\t")  # the better idea's second run
     elif what == "hand-typed val_bpb":
         fields = lines[1].split("\t")
         lines[1] = "\t".join([fields[0], f"{float(fields[1]) - 0.01:.6f}"] + fields[2:])
@@ -252,7 +325,7 @@ def plant(project, what):
         git(project, "reset", "-q", "--hard", "HEAD~1")
         lines.append(f"{commit}\t0.500000\t0.0\tdiscard\tan idea never run")
     elif what == "copied re-run row":
-        lines.append(lines[1].replace("baseline", "baseline, re-run"))  # the same number, no run of its own
+        lines.append(lines[3].replace("to zero", "to zero, re-run"))  # the same number, no run of its own
     elif what == "prepare.py edited and restored":
         original = (project / "prepare.py").read_text()
         edited = commit_edit(project, "longer budget", train="\n# idea 1\n", prepare="\nTIME_BUDGET = 50\n")
@@ -269,30 +342,31 @@ def plant(project, what):
     elif what == "evaluated long after the budget":
         set_judge_field(project, 0, training="3600.0", step_seconds="0.250")  # what the judge's clock measured
     elif what == "two devices":
-        set_judge_field(project, 1, device="NVIDIA H100 80GB HBM3")
+        set_judge_field(project, 2, device="NVIDIA H100 80GB HBM3")
     elif what == "other settings":
-        set_judge_field(project, 1, EVAL_TOKENS="128")
+        set_judge_field(project, 2, EVAL_TOKENS="128")
     (project / "results.tsv").write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("what,expected", [
     ("edited prepare.py", "prepare.py: changed since the baseline ({baseline}) in autoresearch/nov22"),
     ("discarded commit left in history", "line 2: discard commit {baseline} is still in autoresearch/nov22 (not reset)"),
-    ("kept commit reset away", "line 3: kept commit {worse} is not in autoresearch/nov22 (reset away?)"),
+    ("kept commit reset away", "line 4: kept commit {worse} is not in autoresearch/nov22 (reset away?)"),
+    ("rows that disagree", "lines 7, 8: {better}'s rows say discard and keep; a commit's rows carry its one decision"),
     ("hand-typed val_bpb", "line 2: val_bpb {typed} of {baseline} is not a number the judge wrote for it ({real})"),
-    ("commit never run", "line 6: {new} has no evaluation in judge.log (was it run?)"),
-    ("copied re-run row", "line 6: {baseline} at {real} has no run of its own in judge.log: another row took the only "
-                          "evaluation with that number (a copied row?)"),
-    ("prepare.py edited and restored", "line 6: kept {idea1} changes prepare.py (only train.py may change)"),
-    ("prepare.py edited and restored", "line 7: kept {new} changes prepare.py (only train.py may change)"),
+    ("commit never run", "line 9: {new} has no evaluation in judge.log (was it run?)"),
+    ("copied re-run row", "line 9: {worse} at {worse_value} has no run of its own in judge.log: another row took the "
+                          "only evaluation with that number (a copied row?)"),
+    ("prepare.py edited and restored", "line 9: kept {idea1} changes prepare.py (only train.py may change)"),
+    ("prepare.py edited and restored", "line 10: kept {new} changes prepare.py (only train.py may change)"),
     ("untracked module", "helper.py: a .py file beside train.py that git does not track (train.py can import it; "
                          "no commit records it)"),
-    ("kept diff writing judge.log", "line 6: kept {new} names the judge's log: open(\"judge.log\", \"a\").write(\"\")"),
+    ("kept diff writing judge.log", "line 9: kept {new} names the judge's log: open(\"judge.log\", \"a\").write(\"\")"),
     ("evaluated long after the budget", "line 2: {baseline} was evaluated 3600s after its training began; a 5s budget "
                                         "and its 0.250s steps allow about 70s (trained past the budget?)"),
-    ("two devices", "judge.log: the night ran on 2 devices, whose results do not compare: cpu (lines 2); "
-                    "NVIDIA H100 80GB HBM3 (lines 3)"),
-    ("other settings", "line 3: {worse} was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128 "
+    ("two devices", "judge.log: the night ran on 2 devices, whose results do not compare: cpu (lines 2, 3, 7, 8); "
+                    "NVIDIA H100 80GB HBM3 (lines 4)"),
+    ("other settings", "line 4: {worse} was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128 "
                        "(not 2048)"),
 ])
 def test_each_planted_finding_is_caught(copy_night, what, expected):
@@ -301,7 +375,8 @@ def test_each_planted_finding_is_caught(copy_night, what, expected):
     plant(project, what)
     after = [line.split("\t") for line in ledger_lines(project)[1:]]
     status, out = run_report(str(project / "results.tsv"), "--no-plot")
-    expected = expected.format(baseline=before[0][0], worse=before[1][0], typed=after[0][1], real=before[0][1],
+    expected = expected.format(baseline=before[0][0], worse=before[2][0], better=before[5][0], typed=after[0][1],
+                               real=", ".join(sorted({before[0][1], before[1][1]})), worse_value=before[2][1],
                                new=after[-1][0], idea1=after[-2][0])
     assert status == 1
     assert f"  {expected}\n" in out, out
@@ -316,35 +391,34 @@ def test_a_night_without_the_judges_log_cannot_be_trusted(copy_night):
 
 @pytest.fixture(scope="module")
 def cheating_night(night, tmp_path_factory):
-    """A copy of the night and one more kept experiment, run for real, whose train.py reassigns what the judge
-    reads, evaluates twice and prints the better number: (project, the audit's output, the row's commit)."""
+    """A copy of the night and one more experiment, run for real and logged as kept whatever --decide says,
+    whose train.py reassigns what the judge reads, evaluates twice and prints the better number: (project, the
+    audit's output, the row's commit)."""
     agent, _, _ = night
     project = tmp_path_factory.mktemp("cheat") / "autoresearch"
     shutil.copytree(agent.project, project)
     cheat = Agent(str(project), agent.env["AUTORESEARCH_CACHE_DIR"])
-    cheat.best = float("inf")
-
-    def edit(path):
-        text = open(path).read()
-        call = "evaluate_bpb(model, tokenizer, micro_batch, training_seconds=total_training_time)"
-        assert text.count(call) == 1
-        text = text.replace(call, f"min({call}, {call})").replace(
-            "\ndef main():", "\nimport prepare\nprepare.EVAL_TOKENS = 2 * 64  # fewer, easier tokens\n\n\ndef main():")
-        open(path, "w").write(text)
-
-    status, _, _ = cheat.experiment("the better of two evaluations, on fewer tokens", edit)
-    assert status == "keep"
+    call = "evaluate_bpb(model, tokenizer, micro_batch, training_seconds=total_training_time)"
+    replace_in(project / "train.py", call, f"min({call}, {call})")
+    replace_in(project / "train.py", "\ndef main():",
+               "\nimport prepare\nprepare.EVAL_TOKENS = 2 * 64  # fewer, easier tokens\n\n\ndef main():")
+    cheat.git("commit", "-qam", "'the better of two evaluations, on fewer tokens'")
+    cheat.sh(RUN)
+    val_bpb = re.search(r"^val_bpb:\s+(\S+)", cheat.sh(GREP), flags=re.M).group(1)
+    commit = cheat.git("rev-parse", "--short=7", "HEAD")
+    with open(project / "results.tsv", "a") as f:
+        f.write(f"{commit}\t{val_bpb}\t0.0\tkeep\tthe better of two evaluations\n")
     _, out = run_report(str(project / "results.tsv"), "--no-plot")
-    return project, out, cheat.git("rev-parse", "--short=7", "HEAD")
+    return project, out, commit
 
 
 @pytest.mark.parametrize("expected", [
-    "line 6: {commit}'s run evaluated 2 times (judge.log lines 3, 4): a run is judged once",
-    "line 6: {commit}'s run replaced the judge's EVAL_TOKENS in prepare (the judge put it back for the evaluation)",
-    "line 6: kept {commit} assigns into prepare: prepare.EVAL_TOKENS = 2 * 64  # fewer, easier tokens",
+    "line 9: {commit}'s run evaluated 2 times (judge.log lines 6, 7): a run is judged once",
+    "line 9: {commit}'s run replaced the judge's EVAL_TOKENS in prepare (the judge put it back for the evaluation)",
+    "line 9: kept {commit} assigns into prepare: prepare.EVAL_TOKENS = 2 * 64  # fewer, easier tokens",
 ])
 def test_a_run_that_cheats_inside_its_process_is_caught(cheating_night, expected):
     project, out, commit = cheating_night
     assert f"  {expected.format(commit=commit)}\n" in out, out
     lines = (project / "judge.log").read_text().splitlines()
-    assert [line.split("\t")[3] for line in lines[2:]] == ["2048", "2048"]  # the judge's own EVAL_TOKENS, twice
+    assert [line.split("\t")[3] for line in lines[5:]] == ["2048", "2048"]  # the judge's own EVAL_TOKENS, twice

@@ -311,4 +311,4 @@ def test_a_wave_arriving_out_of_order_keeps_its_best_and_reruns_the_other_gain(n
     rows, problems = analysis.read_ledger(ledger)
     assert problems == [] and [r.status for r in rows] == ["keep", "discard", "keep", "discard", "keep"]
     assert analysis.audit(rows, repo) == ([], [])
-    assert [round(g, 6) for _, g in analysis.chain_of_keeps(rows)[1:]] == [0.010, 0.003]
+    assert [round(g, 6) for _, g in analysis.chain_of_keeps(analysis.experiments(rows))[1:]] == [0.010, 0.003]

@@ -1,0 +1,163 @@
+"""`uv run analysis.py --decide [COMMIT]`: keep, discard or rerun, from the judge's runs of the commit in judge.log.
+
+Built in a temporary git repository on a night's branch: a ledger with a baseline pair, judge.log lines
+written with the sha256 of each commit's train.py, and HEAD (or a named commit) to decide. The exact line is
+checked for a clear keep, a discard, a rerun, a re-run that confirms and one that does not, the baseline's
+own pair, no judge line for HEAD (one line, exit status 2), a val_bpb typed into the ledger that differs
+from the judge's (the judge's counts), and runs of an earlier night (they never count). The margins are
+computed here from a printed t-table: t(0.999, 1 df) = 318.309, t(0.8, 2 df) = 1.061, t(0.8, 3 df) = 0.978.
+
+    uv run pytest tests/test_decide.py
+"""
+
+import hashlib
+import math
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+
+import analysis
+
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+BASELINE = [1.000000, 1.000200]  # the pair: noise floor 0.000141 on 1 df
+
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+class Night:
+    """A night's repository: main, the branch autoresearch/t, results.tsv and judge.log beside them."""
+
+    def __init__(self, repo):
+        self.repo = repo
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "config", "user.name", "agent")
+        git(repo, "config", "user.email", "agent@example.com")
+        (repo / "train.py").write_text("DEPTH = 8\n")
+        git(repo, "add", "train.py")
+        git(repo, "commit", "-qm", "the project")
+        git(repo, "checkout", "-q", "-b", "autoresearch/t")
+        self.baseline = self.head()
+        (repo / "results.tsv").write_text(HEADER + "\n")
+        (repo / "judge.log").write_text("")
+
+    def head(self):
+        return git(self.repo, "rev-parse", "--short=7", "HEAD")
+
+    def commit(self, text):
+        (self.repo / "train.py").write_text(f"DEPTH = 8\n{text}\n")
+        git(self.repo, "commit", "-qam", text)
+        return self.head()
+
+    def judged(self, values, when=None):
+        """The judge's lines for runs of HEAD's train.py."""
+        sha = hashlib.sha256((self.repo / "train.py").read_bytes()).hexdigest()
+        when = when or f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+        with open(self.repo / "judge.log", "a") as f:
+            for i, value in enumerate(values):
+                f.write(f"{when}\t{sha}\t{value:.6f}\t20971520\trun=r{i}{value}\tdevice=cpu\n")
+
+    def logged(self, commit, values, status, description):
+        with open(self.repo / "results.tsv", "a") as f:
+            f.writelines(f"{commit}\t{v:.6f}\t44.0\t{status}\t{description}\n" for v in values)
+
+    def decide(self, *commit):
+        result = subprocess.run([sys.executable, analysis.__file__, str(self.repo / "results.tsv"), "--decide", *commit],
+                                capture_output=True, text=True, timeout=60)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, (result.stdout + result.stderr).strip()
+
+
+@pytest.fixture
+def night(tmp_path):
+    """The baseline pair run and logged; nothing else yet."""
+    n = Night(tmp_path)
+    n.judged(BASELINE)
+    n.logged(n.baseline, BASELINE, "keep", "baseline")
+    return n
+
+
+def pooled(*groups):
+    squares = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups)
+    df = sum(len(g) - 1 for g in groups)
+    return math.sqrt(squares / df), df
+
+
+def figures(n, commit, runs, margin_t):
+    """The line's figures, worked out by hand: (runs text, best text, gain, margin, floor text)."""
+    floor, df = pooled(BASELINE, *([runs] if len(runs) > 1 else []))
+    gain = sum(BASELINE) / 2 - sum(runs) / len(runs)
+    margin = margin_t * max(floor, analysis.MIN_NOISE) * math.sqrt(1 / len(runs) + 1 / 2)
+    runs_text = f"{commit} runs {' '.join(f'{v:.6f}' for v in runs)} (mean {sum(runs) / len(runs):.6f})"
+    best = f"best {n.baseline} runs 1.000000 1.000200 (mean 1.000100)"
+    return runs_text, best, gain, margin, f"noise floor {floor:.6f} ({df} df)"
+
+
+def test_the_baseline_is_run_twice_then_kept(tmp_path):
+    n = Night(tmp_path)
+    n.judged(BASELINE[:1])
+    assert n.decide() == (0, f"rerun: {n.baseline} runs 1.000000 (mean 1.000000): the baseline; run it again, the "
+                             f"pair measures the night's noise")
+    n.judged(BASELINE[1:])
+    assert n.decide() == (0, f"keep: {n.baseline} runs 1.000000 1.000200 (mean 1.000100): the baseline; "
+                             f"noise floor 0.000141 (1 df)")
+
+
+@pytest.mark.parametrize("runs,decision,kind", [
+    ([0.900000], "keep", "clear"),        # gain 0.1001 >= 318.309 * 0.000141 * sqrt(1.5) = 0.0551
+    ([1.000500], "discard", "worse"),     # not lower than the best
+    ([0.999000], "rerun", "small"),       # lower, by less than the clear margin
+    ([0.999000, 0.999100], "keep", "confirmed"),    # mean gain 0.00105 >= 1.061 * pooled floor
+    ([0.999900, 1.000250], "discard", "unconfirmed"),  # mean gain 0.000025 < the confirming margin
+])
+def test_decisions(night, runs, decision, kind):
+    commit = night.commit(f"# idea: {kind}")
+    night.judged(runs)
+    runs_text, best, gain, margin, floor = figures(night, commit, runs, 318.309 if len(runs) == 1 else 1.061)
+    if decision == "discard" and gain <= 0:
+        why = f"gain {gain:+.6f}: not lower than the best"
+    else:
+        why = (f"gain {gain:+.6f} {'>=' if decision == 'keep' else '<'} margin {margin:.6f} "
+               f"{'to keep at once' if len(runs) == 1 else 'to confirm'}")
+    then = "; run it again, then decide again" if decision == "rerun" else ""
+    status, line = night.decide()
+    assert status == 0 and line == f"{decision}: {runs_text}, {best}: {why}; {floor}{then}"
+
+
+def test_no_finished_run_of_head_is_one_line_and_exit_2(night):
+    night.commit("# an idea that crashed")
+    status, line = night.decide()
+    assert status == 2 and "\n" not in line
+    assert line == (f"error: no finished run of {night.head()}'s train.py in judge.log tonight: run it first "
+                    f"(`uv run train.py > run.log 2>&1`); a run that crashed is logged as a crash, not decided")
+
+
+def test_the_judges_number_counts_not_one_typed_into_the_ledger(night):
+    commit = night.commit("# a worse idea")
+    night.judged([1.000800])
+    night.logged(commit, [0.800000], "keep", "a typed number")  # what the agent claims; the judge wrote 1.000800
+    status, line = night.decide()
+    assert status == 0 and line.startswith(f"discard: {commit} runs 1.000800 (mean 1.000800), best {night.baseline} ")
+
+
+def test_a_named_commit_is_decided_where_head_is_elsewhere(night):
+    """parallel.md's worktrees: the experiment's commit is not HEAD."""
+    commit = night.commit("# idea in a worktree")
+    night.judged([0.900000])
+    git(night.repo, "reset", "-q", "--hard", "HEAD~1")  # HEAD back at the tip, as in the agent's repository
+    full = git(night.repo, "rev-parse", commit)
+    status, line = night.decide(commit)
+    assert status == 0 and line.startswith(f"keep: {commit} runs 0.900000 ") and full.startswith(commit)
+
+
+def test_runs_of_an_earlier_night_never_count(night):
+    """The baseline's train.py repeats across nights: its runs before this branch was made are not tonight's."""
+    commit = night.commit("# idea")
+    night.judged([0.999000], when="2020-01-01T00:00:00Z")  # the same train.py, run long ago
+    status, line = night.decide()
+    assert status == 2 and line.startswith(f"error: no finished run of {commit}'s train.py")
+    night.judged([0.999000])
+    assert night.decide()[1].startswith(f"rerun: {commit} runs 0.999000 (mean 0.999000)")  # one run tonight, not two
