@@ -234,7 +234,7 @@ def report(rows):
     out.append(f"Best:        {best['mean']:.6f}  ({best['commit']}, {best['description']}{runs_of(best)})")
     out.append(f"Improvement: {s['improvement']:.6f} ({100 * s['improvement'] / baseline['mean']:.2f}%)")
     out += ["", "Kept, in order (means of their runs):",
-            f"  {'commit':8s} {'val_bpb':>9s} {'gain':>10s} {'runs':>4s} {'memory':>7s}  description"]
+            f"  {'commit':8s} {'val_bpb':>9s} {'gain':>9s}  {'runs':>4s} {'memory':>7s}  description"]
     for e in s["chain"]:
         gain = "baseline " if e["gain"] is None else f"{e['gain']:+.6f}{'~' if e['within_noise'] else ' '}"
         out.append(f"  {e['commit']:8s} {e['mean']:9.6f} {gain:>10s} {len(e['runs']):4d} {e['memory_gb']:5.1f}GB  "
@@ -509,6 +509,7 @@ def plot_progress(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     exps = experiments(rows)
     finished = [e for e in exps if e.runs]
@@ -534,9 +535,10 @@ def plot_progress(rows, path):
             text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 3] + "..."
             ax.annotate(text, (i, finished[i].mean), xytext=(4, 6), textcoords="offset points", fontsize=7,
                         rotation=30, color="#1a6b1a")
-        low, high = min(finished[i].mean for i in kept_x), finished[0].mean
+        low, high = min(v for _, v in points["keep"]), max(finished[0].runs)  # every kept run, the baseline's
         span = (high - low) or 0.01 * high or 0.01
         ax.set_ylim(low - 0.15 * span, max(high, low) + 0.15 * span)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("Experiment #")
     ax.set_ylabel("Validation BPB (lower is better)")
     ax.set_title(f"Autoresearch Progress: {len(exps)} Experiments, {improvements} Kept Improvements")

@@ -205,6 +205,8 @@ def test_the_chart_shows_every_run_and_the_running_best_of_means(tmp_path):
     assert step.get_ydata() == pytest.approx([1.0002, 0.9994, 0.9994, 0.99])
     assert [t.xy for t in ax.texts] == [(0, pytest.approx(1.0002)), (1, pytest.approx(0.9994)), (3, 0.99)]
     assert ax.get_title() == "Autoresearch Progress: 5 Experiments, 2 Kept Improvements"
+    low, high = ax.get_ylim()  # from the lowest kept run to the baseline's highest, 15 % beyond
+    assert low == pytest.approx(0.99 - 0.15 * 0.0104) and high == pytest.approx(1.0004 + 0.15 * 0.0104)
 
 
 def test_long_descriptions_are_shortened_on_the_chart(tmp_path):
