@@ -1,0 +1,356 @@
+"""The night's agent files (night/): Claude Code's settings, the two hooks, git's hooks and the Codex loop.
+
+- The hooks are fed the JSON each agent sends, in a temporary git repository on autoresearch/t: a commit with
+  prepare.py edited (unstaged, staged, added in the same command line), uv.lock edited, train.py alone, a push
+  (alone, in a compound command, in Codex's argument-list form); stop with no ledger, a header only, one
+  result, no new row since the last send-back, a STOP file; malformed input and unknown events. Exact
+  decisions and messages.
+- git's pre-commit and pre-push hooks, switched on through the environment as night/codex-night.sh does.
+- night/codex-night.sh with a stand-in `codex` that adds ledger rows: its calls, and where the loop ends.
+- Every command of program.md and parallel.md (code blocks and inline) is allowed by the Claude settings
+  under the documented matching (`*` matches anything, compound commands split, redirect targets checked as
+  edits), and none of a list of forbidden ones is.
+- The settings use only the documented keys, modes and rule syntax; nothing agent-specific sits at the root.
+
+    uv run pytest tests/test_night.py
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, code_lines
+
+NIGHT = os.path.join(ROOT, "night")
+HOOKS = os.path.join(NIGHT, "hooks.py")
+with open(os.path.join(NIGHT, "claude-settings.json")) as f:
+    SETTINGS = json.load(f)
+REFUSED_PREPARE = ("refused: this commit would record prepare.py; a night changes only train.py (undo the rest "
+                   "with `git checkout HEAD -- prepare.py`)\n")
+REFUSED_PUSH = "refused: git push is not part of the night; the branch stays on this machine (program.md)\n"
+
+
+def git(repo, *args, env=None):
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A project on a night's branch, with the files a night touches and one it may not."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name, text in (("train.py", "DEPTH = 8\n"), ("prepare.py", "TIME_BUDGET = 300\n"), ("uv.lock", "x\n")):
+        (repo / name).write_text(text)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=h", "-c", "user.email=h@example.com", "commit", "-qm", "the project")
+    git(repo, "checkout", "-q", "-b", "autoresearch/t")
+    return repo
+
+
+def hook(event, *args):
+    """night/hooks.py as an agent runs it: (exit status, stdout, stderr)."""
+    stdin = event if isinstance(event, str) else json.dumps(event)
+    result = subprocess.run([sys.executable, HOOKS, *args], input=stdin, capture_output=True, text=True, timeout=30)
+    return result.returncode, result.stdout, result.stderr
+
+
+def bash(repo, command):
+    """Claude Code's PreToolUse input for a shell command."""
+    return {"session_id": "s", "hook_event_name": "PreToolUse", "tool_name": "Bash", "cwd": str(repo),
+            "tool_input": {"command": command, "description": "a command"}}
+
+
+def stop(repo, active=False):
+    return {"session_id": "s", "hook_event_name": "Stop", "cwd": str(repo), "stop_hook_active": active}
+
+
+# --- the guard ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit,command,refusal", [
+    ("prepare.py", 'git commit -am "a longer budget"', REFUSED_PREPARE),      # unstaged, taken by -a
+    ("prepare.py staged", 'git commit -m "a longer budget"', REFUSED_PREPARE),
+    ("prepare.py", 'git add prepare.py && git commit -m "budget"', REFUSED_PREPARE),  # staged by the same line
+    ("uv.lock", 'git commit -am "a newer torch"', REFUSED_PREPARE.replace("prepare.py", "uv.lock")),
+    ("train.py", 'git commit -am "DEPTH 8 -> 10"', ""),
+    ("prepare.py", 'git commit -m "only train.py" train.py', ""),             # the paths named are what it records
+    ("train.py", "git push origin autoresearch/t", REFUSED_PUSH),
+    ("train.py", "uv run train.py > run.log 2>&1; git -C . push", REFUSED_PUSH),
+    ("train.py", "uv run train.py > run.log 2>&1", ""),
+])
+def test_the_guard_refuses_commits_of_other_files_and_pushes(repo, edit, command, refusal):
+    name = edit.split()[0]
+    (repo / name).write_text((repo / name).read_text() + "CHANGED = 1\n")
+    if name == "prepare.py":
+        (repo / "train.py").write_text("DEPTH = 10\n")
+    if edit.endswith("staged"):
+        git(repo, "add", name)
+    assert hook(bash(repo, command)) == ((2, "", refusal) if refusal else (0, "", ""))
+
+
+def test_the_guard_reads_codex_commands_and_leaves_other_branches_alone(repo):
+    codex = {"hook_event_name": "PreToolUse", "tool_name": "shell", "cwd": str(repo), "turn_id": "t",
+             "tool_input": {"command": ["bash", "-lc", "git push"]}}
+    assert hook(codex) == (2, "", REFUSED_PUSH)
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    git(repo, "checkout", "-q", "main")  # not a night: someone working on the project
+    assert hook(bash(repo, 'git commit -am "budget"')) == (0, "", "")
+    assert hook(bash(repo, "git push")) == (0, "", "")
+
+
+@pytest.mark.parametrize("stdin,note", [
+    ("{not json", "night hook: unreadable input (JSONDecodeError): allowed\n"),
+    ('{"tool_input": {"command": "git push"}}', "night hook: unreadable input (KeyError): allowed\n"),
+    ('{"hook_event_name": "SessionStart"}', "night hook: no rule for the event 'SessionStart': allowed\n"),
+    ('{"hook_event_name": "PreToolUse", "tool_input": "git push"}', ""),  # no command in it: nothing to guard
+])
+def test_bad_input_allows_the_action_and_says_so_in_one_line(stdin, note):
+    assert hook(stdin) == (0, "", note)
+
+
+# --- keep going --------------------------------------------------------------------------------------------
+
+KEEP_GOING = {"decision": "block", "reason": (
+    "The night goes on: pick up at program.md's loop, step 1, and keep looping. Only train.py changes; decide "
+    "with `uv run analysis.py --decide`; never ask the human whether to continue (they are asleep; they stop "
+    "the night with a STOP file).")}
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+
+
+def add_row(repo, n):
+    with open(repo / "results.tsv", "a") as f:
+        f.write(f"abc{n:04d}\t1.000000\t44.0\tkeep\tbaseline\n")
+
+
+def test_stop_during_setup_is_allowed(repo):
+    assert hook(stop(repo)) == (0, "", "")  # no ledger yet
+    (repo / "results.tsv").write_text(HEADER)
+    assert hook(stop(repo)) == (0, "", "")  # header only: the human confirms the setup
+
+
+def test_once_the_loop_runs_the_agent_is_sent_back_until_it_stops_making_progress(repo):
+    (repo / "results.tsv").write_text(HEADER)
+    add_row(repo, 1)
+    status, out, err = hook(stop(repo))
+    assert (status, json.loads(out), err) == (0, KEEP_GOING, "")
+    assert hook(stop(repo, active=True)) == (0, "", "night hook: no new row in results.tsv since the agent was "
+                                                    "last sent back (1 rows): letting it stop\n")
+    add_row(repo, 2)  # it ran another experiment meanwhile
+    status, out, _ = hook(stop(repo, active=True))
+    assert status == 0 and json.loads(out) == KEEP_GOING
+    git(repo, "checkout", "-q", "-b", "autoresearch/u")  # another night: its own count
+    status, out, _ = hook(stop(repo))
+    assert status == 0 and json.loads(out) == KEEP_GOING
+
+
+def test_a_stop_file_ends_the_night(repo):
+    (repo / "results.tsv").write_text(HEADER)
+    add_row(repo, 1)
+    (repo / "STOP").write_text("")
+    assert hook(stop(repo)) == (0, "", "night hook: STOP found: the night ends here\n")
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "STOP" in f.read().split()  # the human's file never reaches a commit
+
+
+# --- git's own hooks, through the environment ---------------------------------------------------------------
+
+def test_gits_hooks_refuse_what_the_guard_refuses(repo, tmp_path):
+    env = dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="core.hooksPath",
+               GIT_CONFIG_VALUE_0=os.path.join(NIGHT, "git-hooks"), GIT_AUTHOR_NAME="a", GIT_AUTHOR_EMAIL="a@b",
+               GIT_COMMITTER_NAME="a", GIT_COMMITTER_EMAIL="a@b")
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    (repo / "train.py").write_text("DEPTH = 10\n")
+    result = git(repo, "commit", "-qam", "budget", env=env)
+    assert result.returncode == 1 and result.stderr == REFUSED_PREPARE
+    git(repo, "checkout", "--", "prepare.py")
+    assert git(repo, "commit", "-qam", "depth", env=env).returncode == 0
+    git(tmp_path, "init", "-q", "--bare", "remote.git")
+    result = git(repo, "push", "-q", str(tmp_path / "remote.git"), "autoresearch/t", env=env)
+    assert result.returncode != 0 and REFUSED_PUSH in result.stderr
+
+
+# --- the Codex loop -----------------------------------------------------------------------------------------
+
+def test_the_codex_loop_resumes_while_the_night_makes_progress(repo, tmp_path):
+    """A stand-in codex: its first two turns each add a ledger row, the third adds none; the loop then ends."""
+    shutil.copytree(NIGHT, repo / "night")
+    shutil.copy(os.path.join(ROOT, "analysis.py"), repo)  # the hooks read the list of what a night may change
+    (repo / "results.tsv").write_text(HEADER)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "codex").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        printf '%s|' "$@" >> "{calls}"
+        printf '%s\\n' "$GIT_CONFIG_VALUE_0" >> "{calls}"
+        turns=$(wc -l < "{calls}")
+        if [ "$turns" -le 2 ]; then printf 'abc%s\\t1.0\\t0.0\\tkeep\\tx\\n' "$turns" >> results.tsv; fi
+        """))
+    (bin_dir / "codex").chmod(0o755)
+    result = subprocess.run([os.path.join(NIGHT, "codex-night.sh"), "nov24"], cwd=repo, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert result.returncode == 0, result.stderr  # the loop ended: the Stop rule let the night stop
+    turns = [line.split("|")[:-1] for line in calls.read_text().splitlines()]
+    hooks_path = [line.split("|")[-1] for line in calls.read_text().splitlines()]
+    assert turns[0][:5] == ["exec", "--sandbox", "danger-full-access", "--ask-for-approval", "never"]
+    assert "the run tag is nov24" in turns[0][5] and "timeout_ms 900000" in turns[0][5]
+    assert turns[1:] == [["exec", "resume", "--last", KEEP_GOING["reason"]]] * 2
+    assert hooks_path == ["night/git-hooks"] * 3  # the guard rides along in git's own hooks
+    assert "no new row in results.tsv since the agent was last sent back (2 rows)" in result.stderr
+
+
+# --- Claude Code's settings against the protocol ------------------------------------------------------------
+
+EXAMPLE = {"<tag>": "nov23", "<gpu>": "H100", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3",
+           "<base>": "HEAD", "<sha256>": "0" * 64, "<description>": "an idea", "<what you tried>": "an idea"}
+COMMAND_WORDS = {"git", "uv", "grep", "tail", "cat", "mkdir", "scp", "sky", "sha256sum"}
+
+
+def protocol_commands():
+    """Every command program.md and parallel.md show, in code blocks or inline, placeholders filled in."""
+    commands = set()
+    for name in ("program.md", "parallel.md"):
+        with open(os.path.join(ROOT, name)) as f:
+            text = f.read()
+        inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for command in code_lines(text) + inline:
+            if command.split()[0] in COMMAND_WORDS and len(command.split()) > 1:  # not a bare `sky`
+                for key, value in EXAMPLE.items():
+                    command = command.replace(key, value)
+                commands.add(command)
+    return sorted(commands)
+
+
+def split(command):
+    """The documented split: on ;, &&, ||, |, & and newlines outside quotes (a 2>&1 is no split)."""
+    parts, current, quote = [], "", None
+    i = 0
+    while i < len(command):
+        c = command[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in ";\n|" or (c == "&" and command[i - 1:i] != ">" and command[i + 1:i + 2] != ">"):
+            parts.append(current)
+            current = ""
+            if command[i:i + 2] in ("&&", "||"):
+                i += 1
+            i += 1
+            continue
+        current += c
+        i += 1
+    return [p.strip() for p in parts + [current] if p.strip()]
+
+
+def rule_regex(pattern, path=False):
+    """A rule's pattern as a regex: `*` is anything (in a path: within one directory, `**` across them)."""
+    out = ""
+    for token in re.split(r"(\*\*/|\*\*|\*)", pattern):
+        out += {"**/": "(.*/)?", "**": ".*", "*": "[^/]*" if path else ".*"}.get(token, re.escape(token))
+    return re.compile(out)
+
+
+def rules(kind, tool):
+    found = [re.fullmatch(rf"{tool}\((.*)\)", r) for r in SETTINGS["permissions"][kind]]
+    return [m.group(1).replace(":*", " *") for m in found if m]
+
+
+def edit_allowed(path):
+    """An edit of `path` under the Edit rules: `/...` rules for paths in the project, `//...` for absolute ones."""
+    absolute = path.startswith("/")
+    target = path if absolute else "/" + os.path.normpath(path)
+    def matches(pattern):
+        if pattern.startswith("//") != absolute:
+            return False
+        return rule_regex(pattern[1:] if absolute else pattern, path=True).fullmatch(target)
+    return any(matches(p) for p in rules("allow", "Edit")) and not any(matches(p) for p in rules("deny", "Edit"))
+
+
+def command_allowed(command):
+    """A command line under the Bash rules: every part allowed, none denied, every redirect target editable."""
+    for part in split(command):
+        part = re.sub(r"^(timeout \S+|time|nice|nohup|stdbuf( -\S+)*) ", "", part)
+        if any(rule_regex(p).fullmatch(part) for p in rules("deny", "Bash")):
+            return False
+        if not any(rule_regex(p).fullmatch(part) for p in rules("allow", "Bash")):
+            return False
+        for target in re.findall(r"(?<![0-9&])>>?\s*([^\s&>]+)", part):
+            if not edit_allowed(target):
+                return False
+    return True
+
+
+def test_every_command_of_the_protocol_is_allowed():
+    commands = protocol_commands()
+    assert "uv run train.py > run.log 2>&1" in commands and "uv run analysis.py --decide" in commands
+    assert any(c.startswith("sky exec ar-nov23-1 sky.yaml") for c in commands) and len(commands) > 30
+    assert [c for c in commands if not command_allowed(c)] == []
+    assert edit_allowed("train.py") and edit_allowed("/home/you/worktrees/w1-2/train.py")  # the agent's edits
+    assert edit_allowed("results.tsv")
+
+
+@pytest.mark.parametrize("command", [
+    "uv add numpy", "uv sync", "uv lock --upgrade", "uv pip install x", "uv run --with numpy train.py",
+    "pip install x", "python -m pip install x", "git push", "git push origin autoresearch/nov23",
+    "sed -i 's/300/600/' prepare.py", "echo 'TIME_BUDGET = 600' >> prepare.py", "rm -rf .git",
+    "uv run train.py > run.log 2>&1 && git push", "git commit -am x; curl https://example.com",
+])
+def test_forbidden_commands_are_not_allowed(command):
+    assert not command_allowed(command)
+
+
+@pytest.mark.parametrize("path", ["prepare.py", "machine.py", "uv.lock", "program.md", "night/hooks.py",
+                                  "night/claude-settings.json", "/home/you/worktrees/w1-2/prepare.py"])
+def test_edits_of_the_other_files_are_denied(path):
+    assert not edit_allowed(path)
+
+
+def test_the_matching_itself_can_fail():
+    """The reference matching above is not vacuous: a split part, a wildcard and a redirect each decide."""
+    assert split("a && b || c; d | e & f\ng 2>&1") == ["a", "b", "c", "d", "e", "f", "g 2>&1"]
+    assert split('grep "a;b" x') == ['grep "a;b" x']
+    assert rule_regex("git commit *").fullmatch("git commit -am x") and not rule_regex("git commit *").fullmatch(
+        "git commitx")
+    assert not command_allowed("uv run train.py > prepare.py 2>&1")
+
+
+# --- the files themselves ------------------------------------------------------------------------------------
+
+DOCUMENTED = {  # Claude Code's settings keys used here, as its documentation and schema name them
+    "top": {"$schema", "permissions", "env", "sandbox", "hooks"},
+    "permissions": {"allow", "deny", "ask", "defaultMode", "additionalDirectories"},
+    "events": {"PreToolUse", "PostToolUse", "Stop", "SubagentStop", "SessionStart", "PreCompact", "PostCompact"},
+    "rule": r"^((Bash|Edit|Read|Write|WebFetch|WebSearch|Glob|Grep)(\([^)]+\))?|mcp__.*)$",
+}
+
+
+def test_the_settings_use_the_documented_keys_and_rules():
+    assert set(SETTINGS) <= DOCUMENTED["top"] and set(SETTINGS["permissions"]) <= DOCUMENTED["permissions"]
+    assert SETTINGS["permissions"]["defaultMode"] == "dontAsk"  # no prompts, and it works as root
+    for kind in ("allow", "deny"):
+        rules_ = SETTINGS["permissions"][kind]
+        assert len(rules_) == len(set(rules_)) and all(re.match(DOCUMENTED["rule"], r) for r in rules_), kind
+    assert int(SETTINGS["env"]["BASH_DEFAULT_TIMEOUT_MS"]) >= 15 * 60 * 1000
+    assert int(SETTINGS["env"]["BASH_MAX_TIMEOUT_MS"]) >= int(SETTINGS["env"]["BASH_DEFAULT_TIMEOUT_MS"])
+    assert SETTINGS["sandbox"] == {"enabled": False}  # the sandbox hides the GPU
+    assert set(SETTINGS["hooks"]) == {"PreToolUse", "Stop"} and set(SETTINGS["hooks"]) <= DOCUMENTED["events"]
+    for event, groups in SETTINGS["hooks"].items():
+        for group in groups:
+            assert set(group) <= {"matcher", "hooks"}
+            for handler in group["hooks"]:
+                assert handler["type"] == "command" and "night/hooks.py" in handler["command"]
+                assert 0 < handler["timeout"] <= 60
+    assert SETTINGS["hooks"]["PreToolUse"][0]["matcher"] == "Bash"
+
+
+def test_nothing_applies_just_because_an_agent_opens_the_repository():
+    for name in (".claude", ".codex", "AGENTS.md", "CLAUDE.md"):
+        assert not os.path.exists(os.path.join(ROOT, name)), name
+    for name in ("codex-night.sh", "git-hooks/pre-commit", "git-hooks/pre-push"):  # run by path
+        assert os.access(os.path.join(NIGHT, name), os.X_OK), name
