@@ -11,7 +11,6 @@ import sys
 import time
 
 import torch
-import torch._dynamo
 
 from prepare import is_out_of_memory, make_dataloader, note_training_start, release_memory
 
@@ -162,9 +161,10 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
     """
     t_start = time.time()
     sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * seq_len) == 0]
-    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-    recompile_limit = torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                                 len(sizes) + EVALUATION_GRAPHS)
+    dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile; importing it costs seconds otherwise
+    compiled = dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+    if compiled:
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, len(sizes) + EVALUATION_GRAPHS)
     probed = set()
 
     def probe(b, micro_steps):
@@ -219,9 +219,10 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
             if b < largest:
                 print(f"DEVICE_BATCH_SIZE {largest} does not fit in {memory}: using {b}, "
                       f"{tokens_per_step // (b * seq_len)} accumulation steps", flush=True)
-            graphs = f", {len(probed)} compiled graph{'s' * (len(probed) != 1)} (recompile limit {recompile_limit})"
+            graphs = compiled and (f", {len(probed)} compiled graph{'s' * (len(probed) != 1)} "
+                                   f"(recompile limit {dynamo.config.recompile_limit})")
             print(f"Memory fit: micro-batch {b}, {len(probed)} size{'s' * (len(probed) != 1)} probed in "
-                  f"{time.time() - t_start:.1f}s{graphs if compiled else ''}", flush=True)
+                  f"{time.time() - t_start:.1f}s{graphs or ''}", flush=True)
             reset_peak_memory(device)
             note_training_start(tokens_per_step // (b * seq_len) * fit[2])  # the judge's record of the start
             return (b, *fit)

@@ -50,10 +50,13 @@ COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is no
 _block_masks = {}  # (T, left, device type) -> BlockMask
 
 
-@torch.compiler.disable
 def _build_sliding_window_block_mask(T, left, device):
     window = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
     return create_block_mask(window, None, None, T, T, device=device)
+
+
+if COMPILE:  # never traced into a graph (torch.compiler.disable loads the compiler: seconds, so only when compiling)
+    _build_sliding_window_block_mask = torch.compiler.disable(_build_sliding_window_block_mask)
 
 
 def sliding_window_block_mask(T, left, device):

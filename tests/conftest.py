@@ -122,7 +122,7 @@ def tokenizer(use_cache):
 
 # --- the project as an agent sees it: a copy with its constants edited down --------------------------------
 
-TINY_PREPARE = dict(MAX_SEQ_LEN="64", TIME_BUDGET="5", EVAL_TOKENS="4 * 8 * 64")
+TINY_PREPARE = dict(MAX_SEQ_LEN="64", TIME_BUDGET="1", EVAL_TOKENS="4 * 8 * 64")  # a run: about 7 s on 2 cores
 TINY_TRAIN = dict(DEPTH="2", ASPECT_RATIO="32", HEAD_DIM="32", DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="2 * 2 * 64")
 PROJECT_FILES = ["train.py", "prepare.py", "machine.py", "analysis.py", "program.md", "README.md", "pyproject.toml",
                  "uv.lock", ".python-version", ".gitignore"]
@@ -195,14 +195,18 @@ class Agent:
         self.env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), UV_NO_SYNC="1", UV_FROZEN="1",
                         UV_PROJECT_ENVIRONMENT=sys.prefix)  # the already-synced environment, left untouched
         self.uv = os.environ.get("UV") or shutil.which("uv")
+        self.logs = []  # (description, exit status, run.log) of every training run, for tests of the run itself
 
     def sh(self, cmd, check=True):
+        return self.run(cmd, check).stdout
+
+    def run(self, cmd, check=True):
         if cmd.startswith("uv run ") and not self.uv:
             cmd = f"{sys.executable} {cmd[len('uv run '):]}"  # the same command without uv on PATH
         result = subprocess.run(cmd, shell=True, cwd=self.project, env=self.env, capture_output=True, text=True,
                                 timeout=600)
         assert not check or result.returncode == 0, f"{cmd}\n{result.stdout}\n{result.stderr}"
-        return result.stdout
+        return result
 
     def git(self, *args):
         return self.sh("git " + " ".join(args)).strip()
@@ -216,7 +220,9 @@ class Agent:
             self.git("commit", "-qam", f"'{description}'")
         runs, decisions, tail = [], [], ""
         while True:
-            self.sh(RUN, check=False)
+            exit_status = self.run(RUN, check=False).returncode
+            with open(os.path.join(self.project, "run.log"), newline="") as f:  # keep the \r of the progress lines
+                self.logs.append((description, exit_status, f.read()))
             values = dict(re.findall(r"^(val_bpb|peak_vram_mb):\s+(\S+)$", self.sh(GREP, check=False), flags=re.M))
             if not values:
                 tail = self.sh(CRASH)

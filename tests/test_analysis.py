@@ -23,7 +23,7 @@ import matplotlib.image
 import pytest
 
 import analysis
-from conftest import GREP, RUN, Agent, replace_in
+from conftest import GREP, RUN, Agent, replace_in, set_constants
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 LEDGER = [  # a night with known figures
@@ -309,7 +309,7 @@ def plant(project, what):
     """Damage the copied night in one way."""
     lines = ledger_lines(project)
     if what == "edited prepare.py":
-        (project / "prepare.py").write_text((project / "prepare.py").read_text().replace("TIME_BUDGET = 5", "TIME_BUDGET = 6"))
+        set_constants(project / "prepare.py", TIME_BUDGET="6")
         git(project, "commit", "-qam", "a longer budget")
     elif what == "discarded commit left in history":
         lines[1:3] = [line.replace("\tkeep\t", "\tdiscard\t") for line in lines[1:3]]  # the baseline stays
@@ -364,8 +364,8 @@ def plant(project, what):
     ("untracked module", "helper.py: a .py file beside train.py that git does not track (train.py can import it; "
                          "no commit records it)"),
     ("kept diff writing judge.log", "line 9: kept {new} names the judge's log: open(\"judge.log\", \"a\").write(\"\")"),
-    ("evaluated long after the budget", "line 2: {baseline} was evaluated 3600s after its training began; a 5s budget "
-                                        "and its 0.250s steps allow about 70s (trained past the budget?)"),
+    ("evaluated long after the budget", "line 2: {baseline} was evaluated 3600s after its training began; a 1s budget "
+                                        "and its 0.250s steps allow about 65s (trained past the budget?)"),  # 1.25 * (1 + 12 * 0.25) + 60
     ("two devices", "judge.log: the night ran on 2 devices, whose results do not compare: cpu (lines 2, 3, 7, 8); "
                     "NVIDIA H100 80GB HBM3 (lines 4)"),
     ("other settings", "line 4: {worse} was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128 "

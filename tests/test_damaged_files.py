@@ -3,8 +3,8 @@
 The damage matrix: each file kind (a shard, tokenizer.pkl, token_bytes.pt, a token-cache file) cut to half,
 emptied (a power cut after the rename) and overwritten with random bytes. A damaged token-cache file is
 tokenized again with one warning (same tokens); the other kinds stop train.py at start-up with one line
-naming the file, and `prepare.py` repairs them. In-process for every cell; with the real commands
-(train.py, prepare.py through HF_ENDPOINT, train.py again) for one damage of each kind. Also: every final
+naming the file, and `prepare.py` repairs them. In-process for every cell; with the real commands for one
+damage of each kind in turn (train.py, prepare.py through HF_ENDPOINT), then train.py again. Also: every final
 file is fsynced before its rename, the sweep of temporary files spares live writers, and two prepare.py
 runs at once on one cache end with the same shards and one tokenizer.
 
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT, TINY_TRAIN, make_documents, make_project, set_constants
+from conftest import ROOT, TINY_PREPARE, make_documents, make_project
 from test_download import PREFIX, InlinePool, ShardServer, parquet_bytes
 from test_train_run import parse_summary, run_train
 
@@ -45,16 +45,30 @@ def damage(path, how):
         # "empty": nothing, as a power cut leaves a file renamed before its data reached the disk
 
 
-@pytest.fixture
-def cache(tiny_cache, tmp_path, monkeypatch):
-    """A copy of the tiny cache (data, tokenizer) with its token cache filled, prepare pointed at it."""
-    root = tmp_path / "damaged_cache"
-    shutil.copytree(tiny_cache.dir, root, ignore=shutil.ignore_patterns("tokens"))
+def point_prepare_at(mp, root):
     for name, sub in (("DATA_DIR", "data"), ("TOKENIZER_DIR", "tokenizer"), ("TOKENS_DIR", "tokens")):
-        monkeypatch.setattr(prepare, name, str(root / sub))
-    tokenizer = prepare.Tokenizer.from_directory()
-    for path in prepare.list_shards("train"):
-        list(prepare.shard_token_slices(path, tokenizer))
+        mp.setattr(prepare, name, str(root / sub))
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tiny_cache, tmp_path_factory):
+    """The tiny cache (data, tokenizer) with a token cache of its own, filled once for the module."""
+    root = tmp_path_factory.mktemp("filled") / "cache"
+    shutil.copytree(tiny_cache.dir, root, ignore=shutil.ignore_patterns("tokens"))
+    with pytest.MonkeyPatch.context() as mp:
+        point_prepare_at(mp, root)
+        tokenizer = prepare.Tokenizer.from_directory()
+        for path in prepare.list_shards("train"):
+            list(prepare.shard_token_slices(path, tokenizer))
+    return root
+
+
+@pytest.fixture
+def cache(filled_cache, tmp_path, monkeypatch):
+    """A copy of the filled cache, free to damage, prepare pointed at it."""
+    root = tmp_path / "damaged_cache"
+    shutil.copytree(filled_cache, root)
+    point_prepare_at(monkeypatch, root)
     return root
 
 
@@ -182,31 +196,28 @@ def run_prepare(cache_dir, endpoint, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("kind,how", [("shard", "truncated"), ("tokenizer.pkl", "empty"),
-                                      ("token_bytes.pt", "random"), ("token cache", "truncated")])
-def test_the_real_commands_report_repair_and_run_again(cache, kind, how, tmp_path):
-    project = make_project(tmp_path / "project", train_constants=dict(TINY_TRAIN))
-    set_constants(os.path.join(project, "prepare.py"), TIME_BUDGET="1")
+def test_the_real_commands_report_repair_and_run_again(cache, tmp_path):
+    """One damage of each kind in turn: train.py names the file, prepare.py repairs it; a damaged token-cache
+    file only costs time: the run after the repairs goes on with one warning."""
+    project = make_project(tmp_path / "project", dict(TINY_PREPARE, TIME_BUDGET="0.01"))
     server = ShardServer(served_shards(cache))
-    damage(target(cache, kind), how)
     try:
-        status, log = run_train(project, cache)
-        if kind == "token cache":  # only saves time: the run goes on
-            assert status == 0, log[-3000:]
-            warnings = [line for line in log.splitlines() if line.startswith("warning: token cache")]
-            assert len(warnings) == 1 and str(target(cache, kind)) in warnings[0]
-            parse_summary(log)
-            return
-        assert status == 1 and "Traceback" not in log, log[-3000:]
-        last = log.rstrip("\n").splitlines()[-1]
-        assert last.startswith("error:") and str(target(cache, kind)) in last and "uv run prepare.py" in last
-        repair = run_prepare(cache, server.endpoint)
-        assert repair.returncode == 0, repair.stdout + repair.stderr
-        assert str(target(cache, kind)) in repair.stdout  # said which file and why
+        for kind, how in (("shard", "truncated"), ("tokenizer.pkl", "empty"), ("token_bytes.pt", "random")):
+            damage(target(cache, kind), how)
+            status, log = run_train(project, cache)
+            assert status == 1 and "Traceback" not in log, log[-3000:]
+            last = log.rstrip("\n").splitlines()[-1]
+            assert last.startswith("error:") and str(target(cache, kind)) in last and "uv run prepare.py" in last
+            repair = run_prepare(cache, server.endpoint)
+            assert repair.returncode == 0, repair.stdout + repair.stderr
+            assert str(target(cache, kind)) in repair.stdout  # said which file and why
     finally:
         server.close()
+    damage(target(cache, "token cache"), "truncated")
     status, log = run_train(project, cache)
     assert status == 0, log[-3000:]
+    warnings = [line for line in log.splitlines() if line.startswith("warning: token cache")]
+    assert len(warnings) == 1 and str(target(cache, "token cache")) in warnings[0]
     parse_summary(log)
 
 

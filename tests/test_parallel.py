@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 import analysis
-from conftest import ROOT, code_lines, make_project, one_command, set_constants
+from conftest import ROOT, TINY_PREPARE, code_lines, one_command, set_constants
 from test_download import ShardServer
 
 with open(os.path.join(ROOT, "parallel.md")) as f:
@@ -136,12 +136,13 @@ def sh(command, cwd, env=None):
 
 
 @pytest.fixture
-def night(tmp_path):
-    """The agent's repository after parallel.md's setup: branch autoresearch/nov23 and the ledger's header."""
-    repo = str(make_project(tmp_path / "repo"))
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=h", "-c", "user.email=h@example.com", "commit", "-qm", "the project")
+def parallel_night(night, tmp_path):
+    """The scripted night's project (conftest.py) on its next night, a parallel one: its main branch cloned, then
+    parallel.md's setup (branch autoresearch/nov23, the ledger's header)."""
+    agent, _, _ = night
+    repo = str(tmp_path / "repo")
+    git(tmp_path, "clone", "-q", "--branch", "main", agent.project, repo)
+    git(repo, "remote", "remove", "origin")  # the tiny project as it was before the first night
     git(repo, "config", "user.name", "agent")
     git(repo, "config", "user.email", "agent@example.com")
     git(repo, "checkout", "-q", "-b", "autoresearch/nov23")
@@ -200,19 +201,20 @@ def run_job(workdir, env, **envs):
     return result.returncode, "".join(f"(autoresearch, pid=4242) {line}\n" for line in lines)
 
 
-def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(night, cluster):
+def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(parallel_night, cluster):
+    repo = parallel_night
     env, uv_calls = cluster
-    setup = subprocess.run(["bash", "-c", TASK["setup"]], cwd=night, env=env, capture_output=True, text=True,
+    setup = subprocess.run(["bash", "-c", TASK["setup"]], cwd=repo, env=env, capture_output=True, text=True,
                            timeout=600)
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert open(uv_calls).read().splitlines() == ["sync --locked", "run prepare.py --num-shards 2"]
     cache = os.path.join(env["HOME"], ".cache", "autoresearch")
     assert {"data", "tokenizer"} <= set(os.listdir(cache))
 
-    status, output = run_job(night, env)  # sky launch runs the task once, without an experiment
+    status, output = run_job(repo, env)  # sky launch runs the task once, without an experiment
     assert status == 0 and "cluster ready: no experiment given" in output
 
-    worktree, commit, sha = new_experiment(night, "w1-1", "HEAD")  # the baseline
+    worktree, commit, sha = new_experiment(repo, "w1-1", "HEAD")  # the baseline
     status, output = run_job(worktree, env, EXPERIMENT_ID="w1-1", COMMIT=commit, TRAIN_SHA256="f" * 64)
     assert status == 1 and "error: the synced train.py is not the one of commit" in output
     assert not os.path.exists(os.path.join(env["HOME"], "autoresearch-runs", "w1-1", "run.log"))  # never ran
@@ -221,22 +223,22 @@ def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(night, cl
                              DESCRIPTION="baseline")
     assert status == 0, output
     log = fill("logs/<id>.log", id="w1-1")
-    with open(os.path.join(night, log), "w") as f:
+    with open(os.path.join(repo, log), "w") as f:
         f.write(output)
     values = dict(line.split(":", 1) for line in sh(fill(protocol_command("grep -o \"val_bpb"), id="w1-1"),
-                                                    night).splitlines())
+                                                    repo).splitlines())
     assert set(values) == {"val_bpb", "peak_vram_mb"}
-    copy_judge_file(night, "w1-1", env["HOME"])
-    with open(os.path.join(night, "results.tsv"), "a") as f:
+    copy_judge_file(repo, "w1-1", env["HOME"])
+    with open(os.path.join(repo, "results.tsv"), "a") as f:
         f.write(f"{commit}\t{float(values['val_bpb']):.6f}\t{float(values['peak_vram_mb']) / 1024:.1f}\tkeep\tbaseline\n")
-    rows, problems = analysis.read_ledger(os.path.join(night, "results.tsv"))
+    rows, problems = analysis.read_ledger(os.path.join(repo, "results.tsv"))
     assert problems == [] and len(rows) == 1
-    with open(os.path.join(night, "judge.log")) as f:
+    with open(os.path.join(repo, "judge.log")) as f:
         judged = f.read().splitlines()
     with open(os.path.join(env["HOME"], "autoresearch-runs", "w1-1", "judge.log")) as f:
         assert judged == f.read().splitlines()  # the cluster's own file, as it was
     assert len(judged) == 1 and judged[0].split("\t")[1:3] == [sha, values["val_bpb"].strip()]
-    assert analysis.audit(rows, night) == ([], [])  # the run's number, checked against the judge's own line
+    assert analysis.audit(rows, repo) == ([], [])  # the run's number, checked against the judge's own line
 
 
 # --- a wave, results out of order -------------------------------------------------------------------------------
@@ -257,9 +259,9 @@ def record(repo, id, commit, sha, val_bpb, cluster_home):
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "judge.log"), "w") as f:  # what the judge on the cluster wrote
         f.write(f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{sha}\t{val_bpb:.6f}\t2048\trun={id}\t"
-                f"elapsed=12.0\ttraining=6.1\tstep_seconds=0.040\ttraining_claimed=5.0\teval_seconds=0.5\t"
-                f"EVAL_TOKENS=2048\tMAX_SEQ_LEN=64\tTIME_BUDGET=5\tVOCAB_SIZE=8192\tdevice=NVIDIA H100 80GB HBM3\t"
-                f"torch=2.9.1+cu128\treplaced=-\n")  # the tiny project's settings
+                f"elapsed=8.0\ttraining=1.6\tstep_seconds=0.040\ttraining_claimed=1.0\teval_seconds=0.5\t"
+                f"EVAL_TOKENS=2048\tMAX_SEQ_LEN=64\tTIME_BUDGET={TINY_PREPARE['TIME_BUDGET']}\tVOCAB_SIZE=8192\t"
+                f"device=NVIDIA H100 80GB HBM3\ttorch=2.9.1+cu128\treplaced=-\n")  # the tiny project's settings
     copy_judge_file(repo, id, cluster_home)
     out = sh(fill(protocol_command("grep -o \"val_bpb"), id=id), repo)
     return float(re.search(r"val_bpb:\s*(\S+)", out).group(1))
@@ -276,11 +278,11 @@ def log_rows(ledger, rows):
         f.writelines(f"{c}\t{v:.6f}\t44.0\t{s}\t{d}\n" for c, v, s, d in rows)
 
 
-def test_waves_arriving_out_of_order_keep_what_beats_the_noise(night, tmp_path):
+def test_waves_arriving_out_of_order_keep_what_beats_the_noise(parallel_night, tmp_path):
     """Wave 1: the baseline twice and three ideas; two beat the baseline by less than a clear margin (rerun),
     one is worse. Wave 2: the two run again, both confirm, the lower mean is kept and the other re-applied on
     it. Wave 3: the re-applied idea, kept at once."""
-    repo, home = night, str(tmp_path / "cluster_home")
+    repo, home = parallel_night, str(tmp_path / "cluster_home")
     ledger = os.path.join(repo, "results.tsv")
     edits = {"w1-3": ("MATRIX_LR 0.04 -> 0.05", "MATRIX_LR", "0.05"),
              "w1-4": ("WARMDOWN_RATIO 0.5 -> 0.6", "WARMDOWN_RATIO", "0.6"),

@@ -2,7 +2,8 @@
 
 Each "### On a ..." section of "Small machines" holds one python block of constants, marked `# prepare.py`
 and `# train.py`; they must all be assignments the files have. The CPU's settings are then run end to end,
-the agent's way, on the tiny corpus with the budget cut to 10 seconds: the run completes, in float32 or
+the agent's way, on the tiny corpus with the budget cut to the first counted step and the evaluation to one
+batch: the run completes, in float32 or
 bf16 as the CPU allows, and prints the summary block with the model those settings describe.
 
     uv run pytest tests/test_small_machines.py
@@ -44,7 +45,8 @@ def test_the_settings_name_constants_the_files_have(machine, tmp_path):
 
 def test_the_cpu_settings_run_end_to_end(tiny_cache, tmp_path):
     values = settings("CPU")
-    project = make_project(tmp_path / "project", dict(values["prepare.py"], TIME_BUDGET="10"), values["train.py"])
+    cut = dict(TIME_BUDGET="0.01", EVAL_TOKENS="16 * 256")  # the eleven uncounted steps, one more, one batch evaluated
+    project = make_project(tmp_path / "project", dict(values["prepare.py"], **cut), values["train.py"])
     status, log = run_train(project, tiny_cache.dir, timeout=900)
     assert status == 0, log[-3000:]
     summary = parse_summary(log)

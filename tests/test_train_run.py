@@ -1,5 +1,7 @@
-"""train.py end to end, the way the agent runs it: `python train.py > run.log 2>&1` in a copy of the project
-whose UPPER_CASE constants are edited down (depth 2, width 64, sequence 64, a 5-second budget), on tiny shards.
+"""train.py end to end, the way the agent runs it: `uv run train.py > run.log 2>&1` in a copy of the project
+whose UPPER_CASE constants are edited down (depth 2, width 64, sequence 64, a 1-second budget), on tiny shards.
+The runs are the scripted night's (tests/conftest.py), each run.log kept: its first baseline run and its
+NaN-producing edit.
 
 Checks the summary block to the character (keys, order, column 19, number formats), val_bpb below what a
 uniform predictor scores on the same validation tokens, training_seconds against the budget, the fast
@@ -56,11 +58,16 @@ def parse_summary(log):
     return values
 
 
+def night_run(night, description):
+    """(exit status, run.log) of the scripted night's first run of an experiment (conftest.py): the agent's
+    own command on the tiny project."""
+    agent, _, _ = night
+    return next((status, log) for name, status, log in agent.logs if name == description)
+
+
 @pytest.fixture(scope="module")
-def baseline(tiny_cache, tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("project"))
-    status, log = run_train(project, tiny_cache.dir)
-    return status, log
+def baseline(night):
+    return night_run(night, "baseline")
 
 
 def test_summary_block_keys_order_spacing_and_formats(baseline):
@@ -111,14 +118,13 @@ def test_progress_and_startup_lines(baseline):
     assert log.startswith("Attention: PyTorch attention") or log.startswith("Attention: Flash Attention 3")
     assert "because no CUDA device" in log or torch.cuda.is_available()
     progress = [p for p in log.split("\r") if p.startswith("step ")]
+    budget = TINY_PREPARE["TIME_BUDGET"]
     assert re.match(r"step 00000 \(0\.0%\) \| loss: \d+\.\d{6} \| lrm: 1\.00 \| dt: \d+ms \| tok/sec: [\d,]+ \| "
-                    r"mfu: (n/a|\d+\.\d%) \| epoch: 1 \| remaining: 5s", progress[0]), progress[0]
+                    rf"mfu: (n/a|\d+\.\d%) \| epoch: 1 \| remaining: {budget}s", progress[0]), progress[0]
 
 
-def test_nan_producing_edit_prints_fail_and_exits_1(tiny_cache, tmp_path):
-    project = make_project(tmp_path / "project")
-    set_constants(os.path.join(project, "train.py"), MATRIX_LR="1e30")
-    status, log = run_train(project, tiny_cache.dir)
+def test_nan_producing_edit_prints_fail_and_exits_1(night):
+    status, log = night_run(night, "MATRIX_LR 1e30")
     assert status == 1
     assert log.rstrip().endswith("FAIL") and "\n---\n" not in log
     assert len(re.findall(r"step \d{5}", log)) <= 3  # within a few steps
