@@ -7,6 +7,7 @@ the agent never edits it. It imports from prepare.py, never the reverse: what ev
 
 import copy
 import ctypes
+import functools
 import sys
 import time
 
@@ -108,9 +109,10 @@ def keep_freed_memory():
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+@functools.cache
 def bf16_slowdown():
     """How many times slower a bf16 matmul is than a float32 one on this CPU: about 1 or less with bf16
-    instructions (AVX512-BF16, AMX, Arm's BF16), 20 to 50 where bf16 is emulated."""
+    instructions (AVX512-BF16, AMX, Arm's BF16), 20 to 50 where bf16 is emulated. Measured once a process."""
     def seconds(x):
         times = []
         for _ in range(15):  # the first calls of a process are slow (thread pool, kernel selection): take the best

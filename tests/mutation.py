@@ -23,7 +23,7 @@ SCOPE = {  # module: functions and classes (every method) whose mutants are run
     "optimizer": {"train": ["adamw_step", "muon_step", "MuonAdamW"]},
     "schedules": {"train": ["get_lr_multiplier", "get_muon_momentum", "get_weight_decay"]},
     "loader": {"prepare": ["DocumentBuffer", "make_dataloader", "token_batches", "shard_token_slices"]},
-    "metric": {"prepare": ["evaluate_bpb", "get_token_bytes"]},
+    "metric": {"prepare": ["evaluate_bpb", "_bits_per_byte_fitted", "_bits_per_byte", "get_token_bytes"]},
 }
 
 

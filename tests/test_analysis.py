@@ -12,6 +12,8 @@ a hand-typed val_bpb, a row whose commit never ran.
     uv run pytest tests/test_analysis.py
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import subprocess
 import sys
 
 import matplotlib.image
+import matplotlib.pyplot
 import pytest
 
 import analysis
@@ -43,12 +46,22 @@ def write(tmp_path, lines, newline="\n", name="results.tsv"):
     return str(path)
 
 
-def run_report(path, *args):
+def run_command(path, *args):
     """analysis.py as the user runs it: (exit status, stdout)."""
     result = subprocess.run([sys.executable, analysis.__file__, path, *args], capture_output=True, text=True,
                             timeout=300)
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, result.stdout
+
+
+def run_report(path, *args):
+    """analysis.py's main with the user's arguments, in this process (an exception fails the test): (exit status,
+    stdout). The command itself runs where the night is clean, where the ledger is missing and where a branch is not."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = analysis.main([path, *args])
+    matplotlib.pyplot.close("all")
+    return status, out.getvalue()
 
 
 def test_the_report_gives_exact_figures(tmp_path):
@@ -239,7 +252,7 @@ def test_a_clean_night_reports_its_real_figures_and_exits_0(copy_night):
     project, runs = copy_night
     judge = (project / "judge.log").read_text().splitlines()
     assert len(judge) == 5  # the baseline twice, the worse idea, the better one twice; the crashes never were
-    status, out = run_report(str(project / "results.tsv"))
+    status, out = run_command(str(project / "results.tsv"))
     assert status == 0, out
     baseline, better = (sum(runs[name][1]) / 2 for name in ("baseline", "better"))
     lines = out.splitlines()

@@ -72,8 +72,8 @@ class Night:
 
 
 @pytest.fixture
-def night(tmp_path):
-    """The baseline pair run and logged; nothing else yet."""
+def tonight(tmp_path):
+    """A night with the baseline pair run and logged; nothing else yet."""
     n = Night(tmp_path)
     n.judged(BASELINE)
     n.logged(n.baseline, BASELINE, "keep", "baseline")
@@ -113,51 +113,51 @@ def test_the_baseline_is_run_twice_then_kept(tmp_path):
     ([0.999000, 0.999100], "keep", "confirmed"),    # mean gain 0.00105 >= 1.061 * pooled floor
     ([0.999900, 1.000250], "discard", "unconfirmed"),  # mean gain 0.000025 < the confirming margin
 ])
-def test_decisions(night, runs, decision, kind):
-    commit = night.commit(f"# idea: {kind}")
-    night.judged(runs)
-    runs_text, best, gain, margin, floor = figures(night, commit, runs, 318.309 if len(runs) == 1 else 1.061)
+def test_decisions(tonight, runs, decision, kind):
+    commit = tonight.commit(f"# idea: {kind}")
+    tonight.judged(runs)
+    runs_text, best, gain, margin, floor = figures(tonight, commit, runs, 318.309 if len(runs) == 1 else 1.061)
     if decision == "discard" and gain <= 0:
         why = f"gain {gain:+.6f}: not lower than the best"
     else:
         why = (f"gain {gain:+.6f} {'>=' if decision == 'keep' else '<'} margin {margin:.6f} "
                f"{'to keep at once' if len(runs) == 1 else 'to confirm'}")
     then = "; run it again, then decide again" if decision == "rerun" else ""
-    status, line = night.decide()
+    status, line = tonight.decide()
     assert status == 0 and line == f"{decision}: {runs_text}, {best}: {why}; {floor}{then}"
 
 
-def test_no_finished_run_of_head_is_one_line_and_exit_2(night):
-    night.commit("# an idea that crashed")
-    status, line = night.decide()
+def test_no_finished_run_of_head_is_one_line_and_exit_2(tonight):
+    tonight.commit("# an idea that crashed")
+    status, line = tonight.decide()
     assert status == 2 and "\n" not in line
-    assert line == (f"error: no finished run of {night.head()}'s train.py in judge.log tonight: run it first "
+    assert line == (f"error: no finished run of {tonight.head()}'s train.py in judge.log tonight: run it first "
                     f"(`uv run train.py > run.log 2>&1`); a run that crashed is logged as a crash, not decided")
 
 
-def test_the_judges_number_counts_not_one_typed_into_the_ledger(night):
-    commit = night.commit("# a worse idea")
-    night.judged([1.000800])
-    night.logged(commit, [0.800000], "keep", "a typed number")  # what the agent claims; the judge wrote 1.000800
-    status, line = night.decide()
-    assert status == 0 and line.startswith(f"discard: {commit} runs 1.000800 (mean 1.000800), best {night.baseline} ")
+def test_the_judges_number_counts_not_one_typed_into_the_ledger(tonight):
+    commit = tonight.commit("# a worse idea")
+    tonight.judged([1.000800])
+    tonight.logged(commit, [0.800000], "keep", "a typed number")  # what the agent claims; the judge wrote 1.000800
+    status, line = tonight.decide()
+    assert status == 0 and line.startswith(f"discard: {commit} runs 1.000800 (mean 1.000800), best {tonight.baseline} ")
 
 
-def test_a_named_commit_is_decided_where_head_is_elsewhere(night):
+def test_a_named_commit_is_decided_where_head_is_elsewhere(tonight):
     """parallel.md's worktrees: the experiment's commit is not HEAD."""
-    commit = night.commit("# idea in a worktree")
-    night.judged([0.900000])
-    git(night.repo, "reset", "-q", "--hard", "HEAD~1")  # HEAD back at the tip, as in the agent's repository
-    full = git(night.repo, "rev-parse", commit)
-    status, line = night.decide(commit)
+    commit = tonight.commit("# idea in a worktree")
+    tonight.judged([0.900000])
+    git(tonight.repo, "reset", "-q", "--hard", "HEAD~1")  # HEAD back at the tip, as in the agent's repository
+    full = git(tonight.repo, "rev-parse", commit)
+    status, line = tonight.decide(commit)
     assert status == 0 and line.startswith(f"keep: {commit} runs 0.900000 ") and full.startswith(commit)
 
 
-def test_runs_of_an_earlier_night_never_count(night):
+def test_runs_of_an_earlier_night_never_count(tonight):
     """The baseline's train.py repeats across nights: its runs before this branch was made are not tonight's."""
-    commit = night.commit("# idea")
-    night.judged([0.999000], when="2020-01-01T00:00:00Z")  # the same train.py, run long ago
-    status, line = night.decide()
+    commit = tonight.commit("# idea")
+    tonight.judged([0.999000], when="2020-01-01T00:00:00Z")  # the same train.py, run long ago
+    status, line = tonight.decide()
     assert status == 2 and line.startswith(f"error: no finished run of {commit}'s train.py")
-    night.judged([0.999000])
-    assert night.decide()[1].startswith(f"rerun: {commit} runs 0.999000 (mean 0.999000)")  # one run tonight, not two
+    tonight.judged([0.999000])
+    assert tonight.decide()[1].startswith(f"rerun: {commit} runs 0.999000 (mean 0.999000)")  # one run tonight, not two

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gpu_check
-from conftest import make_project
+from conftest import TINY_PREPARE, make_project
 
 LOG = "".join([
     "Attention: PyTorch attention (SDPA; FlexAttention windows when compiled), because no CUDA device\n",
@@ -69,7 +69,7 @@ def test_the_plan_names_every_step_and_what_is_done(tmp_path, capsys):
 
 
 def test_the_defaults_step_runs_train_py_in_a_temporary_copy(tiny_cache, tmp_path, monkeypatch):
-    project, out = make_project(tmp_path / "project"), tmp_path / "out"
+    project, out = make_project(tmp_path / "project", dict(TINY_PREPARE, TIME_BUDGET="0.01")), tmp_path / "out"
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tiny_cache.dir))
     assert gpu_check.main(["--step", "defaults", "--project", str(project), "--out", str(out)]) == 0
     figures = json.loads((out / "defaults.json").read_text())

@@ -82,6 +82,7 @@ def start_tiny_main(mp, cache, budget=BUDGET):
     mp.setattr(prepare, "DATA_DIR", cache.data_dir)
     mp.setattr(prepare, "JUDGE_LOG", os.path.join(cache.dir, "judge.log"))  # module-scoped runs too: never the cwd
     mp.setattr(prepare, "TOKENIZER_DIR", cache.tokenizer_dir)
+    mp.setattr(prepare, "TOKENS_DIR", os.path.join(cache.dir, "tokens"))  # the session's, as the real runs share it
     judge_settings(mp, MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget)
     for name, value in dict(MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget, DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32,
                             DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64, WARMUP_RATIO=0.2,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import TINY_PREPARE, TINY_TRAIN, judge_settings, make_project, set_constants
+from conftest import TINY_PREPARE, judge_settings, make_project, set_constants
 from test_evaluate import UniformModel
 
 SUMMARY = [  # key, value format; values start in column 19
@@ -36,13 +36,22 @@ SUMMARY = [  # key, value format; values start in column 19
 ]
 
 
-def run_train(project, cache_dir, timeout=300):
-    """The agent's command, with stdout and stderr in run.log; returns (exit status, log text)."""
+def start_train(project, cache_dir):
+    """The agent's command, with stdout and stderr in run.log, started."""
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir))
-    status = subprocess.run(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=project, env=env,
-                            timeout=timeout).returncode
+    return subprocess.Popen(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=project, env=env)
+
+
+def finish_train(run, project, timeout=300):
+    """(exit status, log text) of a started run, once it ends."""
+    status = run.wait(timeout)
     with open(os.path.join(project, "run.log"), newline="") as f:  # keep the \r of the progress line
         return status, f.read()
+
+
+def run_train(project, cache_dir, timeout=300):
+    """The agent's command, with stdout and stderr in run.log; returns (exit status, log text)."""
+    return finish_train(start_train(project, cache_dir), project, timeout)
 
 
 def parse_summary(log):
@@ -130,17 +139,30 @@ def test_nan_producing_edit_prints_fail_and_exits_1(night):
     assert len(re.findall(r"step \d{5}", log)) <= 3  # within a few steps
 
 
-@pytest.mark.parametrize("case", ["no cache", "no data", "batch size"])
-def test_startup_errors_are_one_line(case, tiny_cache, tmp_path):
-    project = make_project(tmp_path / "project")
-    cache = tmp_path / "empty"
-    if case == "no data":
-        os.makedirs(cache)
-        os.symlink(tiny_cache.tokenizer_dir, cache / "tokenizer")
-    elif case == "batch size":
-        cache = tiny_cache.dir
-        set_constants(os.path.join(project, "train.py"), DEVICE_BATCH_SIZE="3")
-    status, log = run_train(project, cache)
+STARTUP_CASES = ["no cache", "no data", "batch size"]
+
+
+@pytest.fixture(scope="module")
+def startup_runs(tiny_cache, tmp_path_factory):
+    """Each start-up error's run, all started at once (they spend their time importing): {case: (status, log)}."""
+    started = {}
+    for case in STARTUP_CASES:
+        tmp_path = tmp_path_factory.mktemp("startup")
+        project = make_project(tmp_path / "project")
+        cache = tmp_path / "empty"
+        if case == "no data":
+            os.makedirs(cache)
+            os.symlink(tiny_cache.tokenizer_dir, cache / "tokenizer")
+        elif case == "batch size":
+            cache = tiny_cache.dir
+            set_constants(os.path.join(project, "train.py"), DEVICE_BATCH_SIZE="3")
+        started[case] = (start_train(project, cache), project)
+    return {case: finish_train(run, project) for case, (run, project) in started.items()}
+
+
+@pytest.mark.parametrize("case", STARTUP_CASES)
+def test_startup_errors_are_one_line(case, startup_runs):
+    status, log = startup_runs[case]
     assert status == 1
     last = log.rstrip("\n").split("\n")[-1]
     assert "Traceback" not in log, log
