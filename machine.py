@@ -97,14 +97,17 @@ def keep_freed_memory():
     time in the kernel. The peak resident memory rises (the memory fit measures it). False off glibc, and
     under an address-space limit, where memory kept is address space lost: there glibc is told instead to
     serve every thread from one arena (a thread's own arena reserves 64 MB of address space as it starts,
-    after the memory fit has measured)."""
+    after the memory fit has measured) and to map and unmap every block of 256 kB or more (glibc otherwise
+    raises that threshold as blocks are freed, and the heap's fragments grow the address space step by step
+    past what the fit's probes measured)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt's parameter numbers (malloc.h)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8  # mallopt's parameters (malloc.h)
     if address_space_limit() is not None:
         libc.mallopt(M_ARENA_MAX, 1)
+        libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)  # a fixed threshold: glibc no longer moves it
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -150,9 +153,10 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
     when not even 1 sequence fits. Leaves CUDA's peak memory reset, so the run reports its own, and tells
     the judge that training starts now and how long a step takes.
 
-    A probe is one whole optimizer step (forward and backward on the first batch of a train loader of that
-    size, then the optimizer's step, which allocates its state), after which the weights and the optimizer
-    are restored exactly as they were. Sizes are probed from the largest down; one whose allocation fails is
+    A probe is forward and backward on the first batch of a train loader of that size, the optimizer's step
+    (which allocates its state), then forward and backward again with that state and the gradients held, as
+    training holds them from its second step on; then the weights and the optimizer are restored exactly as
+    they were. Sizes are probed from the largest down; one whose allocation fails is
     skipped. On the CPU and MPS the kernel kills a process that takes too much instead of failing the
     allocation, so there the peak memory of the two smallest sizes is first extrapolated against what the
     machine can give, and a size that would not fit is never tried.
@@ -177,15 +181,16 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
         optimizer_state = copy.deepcopy(optimizer.state_dict())
         try:
             x, y, _ = batch = next(loader)
-            for _ in range(micro_steps):  # the last one is timed: the first may include compilation
+            for micro_step in range(micro_steps):  # the last one is timed: the first may include compilation
                 synchronize(device)
                 t0 = time.time()
                 with autocast_ctx:
                     loss = model(x, y)
                 loss.backward()
                 synchronize(device)
+                if micro_step == 0:  # its state then stays, beside the gradients, as in every later training step
+                    optimizer.step()
             seconds = time.time() - t0
-            optimizer.step()
             return loader, batch, seconds
         except Exception as e:
             loader.close()

@@ -79,6 +79,25 @@ def tiny_cache(tmp_path_factory):
     return SimpleNamespace(dir=cache, data_dir=data_dir, tokenizer_dir=tokenizer_dir, shards=shards)
 
 
+def point_prepare_at(mp, root):
+    for name, sub in (("DATA_DIR", "data"), ("TOKENIZER_DIR", "tokenizer"), ("TOKENS_DIR", "tokens")):
+        mp.setattr(prepare, name, str(root / sub))
+
+
+@pytest.fixture(scope="session")
+def filled_cache(tiny_cache, tmp_path_factory):
+    """The tiny cache (data, tokenizer) with a token cache of its own, filled once,
+    as a first run leaves it."""
+    root = tmp_path_factory.mktemp("filled") / "cache"
+    shutil.copytree(tiny_cache.dir, root, ignore=shutil.ignore_patterns("tokens"))
+    with pytest.MonkeyPatch.context() as mp:
+        point_prepare_at(mp, root)
+        tokenizer = prepare.Tokenizer.from_directory()
+        for path in prepare.list_shards("train"):
+            list(prepare.shard_token_slices(path, tokenizer))
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_written_where_the_suite_runs():
     """No test leaves a judge's log, a ledger or a run log in the directory pytest runs in."""
@@ -289,3 +308,17 @@ def night(tiny_cache, tmp_path_factory):
                                    fix=lambda p: replace_in(p, "import gcc\n", "")),
     }
     return agent, runs, baseline_commit
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist's loadgroup, the tests of the scripted night share one worker: the night is built once."""
+    for item in items:
+        if "night" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("night"))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `-n auto`'s workers: one thread each, for it and what it runs
+    import torch
+    torch.set_num_threads(1)  # a worker a core: more threads only fight over the cores
+    os.environ["OMP_NUM_THREADS"] = "1"

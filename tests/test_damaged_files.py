@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT, TINY_PREPARE, make_documents, make_project
+from conftest import ROOT, TINY_PREPARE, make_documents, make_project, point_prepare_at
 from test_download import PREFIX, InlinePool, ShardServer, parquet_bytes
 from test_train_run import parse_summary, run_train
 
@@ -43,24 +43,6 @@ def damage(path, how):
         elif how == "random":
             f.write(random.Random(len(data)).randbytes(len(data)))
         # "empty": nothing, as a power cut leaves a file renamed before its data reached the disk
-
-
-def point_prepare_at(mp, root):
-    for name, sub in (("DATA_DIR", "data"), ("TOKENIZER_DIR", "tokenizer"), ("TOKENS_DIR", "tokens")):
-        mp.setattr(prepare, name, str(root / sub))
-
-
-@pytest.fixture(scope="module")
-def filled_cache(tiny_cache, tmp_path_factory):
-    """The tiny cache (data, tokenizer) with a token cache of its own, filled once for the module."""
-    root = tmp_path_factory.mktemp("filled") / "cache"
-    shutil.copytree(tiny_cache.dir, root, ignore=shutil.ignore_patterns("tokens"))
-    with pytest.MonkeyPatch.context() as mp:
-        point_prepare_at(mp, root)
-        tokenizer = prepare.Tokenizer.from_directory()
-        for path in prepare.list_shards("train"):
-            list(prepare.shard_token_slices(path, tokenizer))
-    return root
 
 
 @pytest.fixture

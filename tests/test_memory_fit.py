@@ -27,7 +27,7 @@ from torch._dynamo.testing import CompileCounter
 import machine
 import prepare
 import train
-from conftest import TINY_PREPARE, judge_settings, make_project, set_constants
+from conftest import ROOT, TINY_PREPARE, judge_settings, make_project, set_constants
 from test_loop import in_memory_fit, run_main, start_tiny_main, summary_values
 from test_train_run import parse_summary, progress_lines
 
@@ -104,17 +104,27 @@ def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny
 
 
 def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
+    """...after a second forward and backward with the optimizer's state held, as training holds it."""
     monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
+    monkeypatch.setattr(machine, "memory_limit", lambda device: None)  # no extrapolation: one probe, of 4
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     model.float()
     optimizer = model.setup_optimizer()
+    forwards = []  # (sequences, whether the optimizer holds state) of each forward pass
+    forward = train.GPT.forward
+
+    def recorded_forward(self, idx, targets=None, reduction="mean"):
+        forwards.append((idx.size(0), bool(optimizer.state)))
+        return forward(self, idx, targets, reduction)
+    monkeypatch.setattr(train.GPT, "forward", recorded_forward)
     before = [p.detach().clone() for p in model.parameters()]
     autocast = torch.autocast("cpu", enabled=False)
     b, loader, (x, y, epoch), seconds = machine.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
                                                                 autocast, 4, 64, 4 * 64)
     loader.close()
     assert b == 4 and x.shape == (4, 64) and epoch == 1 and seconds > 0
+    assert forwards == [(4, False), (4, True)]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
     assert [g["lr"] for g in optimizer.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
@@ -366,23 +376,55 @@ def peak_address_space(project, cache):
     return int(result.stdout.rsplit("VmPeak:", 1)[1].split()[0]) * 1024
 
 
+MMAPPED_AFTER_A_BIGGER_FREE = """
+import ctypes, resource, sys
+import machine
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "limit":
+    resource.setrlimit(resource.RLIMIT_AS, (2**40, 2**40))
+machine.keep_freed_memory()
+libc.free(libc.malloc(8 << 20))  # glibc's own rule raises its mmap threshold to 8 MB here
+before = libc.mallinfo2().hblks  # blocks served by mmap
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblks - before)  # 1 when the 1 MB block is one of them
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_under_an_address_space_limit_freed_blocks_go_back_to_the_kernel():
+    """Under a limit a 1 MB block is mapped on its own (and unmapped when freed), even after a bigger block was
+    freed; with no limit it comes from the heap, which keeps what is freed."""
+    runs = [subprocess.Popen([sys.executable, "-c", MMAPPED_AFTER_A_BIGGER_FREE, mode], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mode in ("limit", "none")]
+    outputs = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert [int(out) for out, _ in outputs] == [1, 0]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmPeak from /proc (Linux)")
-def test_a_real_run_under_an_address_space_limit_completes_with_a_smaller_micro_batch(tiny_cache, tmp_path):
+def test_a_real_run_under_an_address_space_limit_completes_with_a_smaller_micro_batch(filled_cache, tmp_path):
+    """On a filled token cache: a shard tokenized mid-run takes address space that no probe sees."""
     budget = dict(TINY_PREPARE, TIME_BUDGET="0.01")  # the eleven uncounted steps and one more
     small = make_project(tmp_path / "small", budget)
     set_constants(os.path.join(small, "train.py"), DEVICE_BATCH_SIZE="2", TOTAL_BATCH_SIZE="2 * 64")
-    limit = peak_address_space(small, tiny_cache.dir) + 300 * 2**20  # some sequences; 64 need 0.6 GB more
+    limit = peak_address_space(small, filled_cache) + 200 * 2**20  # 16 sequences need 0.14 GB more, 32 0.27 GB
     big = make_project(tmp_path / "big", budget)
-    set_constants(os.path.join(big, "train.py"), DEVICE_BATCH_SIZE="64", TOTAL_BATCH_SIZE="64 * 64")
+    set_constants(os.path.join(big, "train.py"), DEVICE_BATCH_SIZE="32", TOTAL_BATCH_SIZE="32 * 64")
     result = subprocess.run(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=big, timeout=600,
-                            env=dict(os.environ, AUTORESEARCH_CACHE_DIR=str(tiny_cache.dir)),
+                            env=dict(os.environ, AUTORESEARCH_CACHE_DIR=str(filled_cache)),
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     with open(os.path.join(big, "run.log"), newline="") as f:  # keep the \r of the progress lines
         log = f.read()
     assert result.returncode == 0, log[-3000:]
-    line = next(line for line in log.splitlines() if line.startswith("DEVICE_BATCH_SIZE 64 does not fit"))
+    line = next(line for line in log.splitlines() if line.startswith("DEVICE_BATCH_SIZE 32 does not fit"))
     micro_batch = int(line.split("using ")[1].split(",")[0])
-    assert 2 <= micro_batch < 64 and f"{64 // micro_batch} accumulation steps" in line, line
+    assert 2 <= micro_batch < 32 and f"{32 // micro_batch} accumulation steps" in line, line
     summary = parse_summary(log)
     assert int(summary["num_steps"]) == len(progress_lines(log)) > 11
     assert float(summary["val_bpb"]) > 0 and float(summary["training_seconds"]) >= float(budget["TIME_BUDGET"])
