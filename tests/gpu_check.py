@@ -108,7 +108,9 @@ def environment():
 
 
 def step_tests(args):
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *TEST_FILES]
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+               "-o", "addopts=",  # one process, without pyproject's xdist options: a GPU machine may lack pytest-xdist
+               *TEST_FILES]
     t0 = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)
     output = result.stdout + result.stderr

@@ -10,6 +10,7 @@ the naive reference, timed), the tests step's counts, and the markdown report fr
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import gpu_check
-from conftest import TINY_PREPARE, make_project
+from conftest import ROOT, TINY_PREPARE, make_project
 
 LOG = "".join([
     "Attention: PyTorch attention (SDPA; FlexAttention windows when compiled), because no CUDA device\n",
@@ -114,6 +115,8 @@ def test_the_tests_step_counts_what_pytest_says(tmp_path, monkeypatch):
         def test_skipped(): pass
         """))
     monkeypatch.setattr(gpu_check, "TEST_FILES", [str(test_file)])
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path)  # the project's pytest options, xdist's included
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:xdist")  # as on a GPU machine without pytest-xdist
     figures = gpu_check.step_tests(SimpleNamespace())
     assert (figures["passed"], figures["failed"], figures["skipped"], figures["errors"]) == (1, 1, 1, 0)
     assert figures["status"] == 1 and any("assert 1 == 2" in line for line in figures["tail"])
