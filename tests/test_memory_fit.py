@@ -389,16 +389,16 @@ libc.mallinfo2.restype = Mallinfo2
 if sys.argv[1] == "limit":
     resource.setrlimit(resource.RLIMIT_AS, (2**40, 2**40))
 machine.keep_freed_memory()
-libc.free(libc.malloc(8 << 20))  # glibc's own rule raises its mmap threshold to 8 MB here
+libc.free(libc.malloc(16 << 20))  # glibc's own rule raises its mmap threshold to 16 MB here
 before = libc.mallinfo2().hblks  # blocks served by mmap
-block = libc.malloc(1 << 20)
-print(libc.mallinfo2().hblks - before)  # 1 when the 1 MB block is one of them
+block = libc.malloc(8 << 20)  # bigger than what a heap keeps free: it grows the heap or is mapped
+print(libc.mallinfo2().hblks - before)  # 1 when the 8 MB block is one of them
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
 def test_under_an_address_space_limit_freed_blocks_go_back_to_the_kernel():
-    """Under a limit a 1 MB block is mapped on its own (and unmapped when freed), even after a bigger block was
+    """Under a limit an 8 MB block is mapped on its own (and unmapped when freed), even after a bigger block was
     freed; with no limit it comes from the heap, which keeps what is freed."""
     runs = [subprocess.Popen([sys.executable, "-c", MMAPPED_AFTER_A_BIGGER_FREE, mode], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mode in ("limit", "none")]
