@@ -389,9 +389,10 @@ libc.mallinfo2.restype = Mallinfo2
 if sys.argv[1] == "limit":
     resource.setrlimit(resource.RLIMIT_AS, (2**40, 2**40))
 machine.keep_freed_memory()
+filler = [libc.malloc(1 << 20) for _ in range(libc.mallinfo2().fordblks >> 20)]  # the heap's free space, used up
 libc.free(libc.malloc(16 << 20))  # glibc's own rule raises its mmap threshold to 16 MB here
 before = libc.mallinfo2().hblks  # blocks served by mmap
-block = libc.malloc(8 << 20)  # bigger than what a heap keeps free: it grows the heap or is mapped
+block = libc.malloc(8 << 20)  # the heap has no room left for it: it grows the heap or is mapped
 print(libc.mallinfo2().hblks - before)  # 1 when the 8 MB block is one of them
 """
 
