@@ -86,8 +86,7 @@ def point_prepare_at(mp, root):
 
 @pytest.fixture(scope="session")
 def filled_cache(tiny_cache, tmp_path_factory):
-    """The tiny cache (data, tokenizer) with a token cache of its own, filled once,
-    as a first run leaves it."""
+    """The tiny cache (data, tokenizer) with a token cache of its own, filled once, as a first run leaves it."""
     root = tmp_path_factory.mktemp("filled") / "cache"
     shutil.copytree(tiny_cache.dir, root, ignore=shutil.ignore_patterns("tokens"))
     with pytest.MonkeyPatch.context() as mp:

@@ -104,7 +104,8 @@ def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny
 
 
 def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
-    """...after a second forward and backward with the optimizer's state held, as training holds it."""
+    """A probe's second forward and backward run with the optimizer's state held, as training's do; then the
+    weights and the optimizer are put back."""
     monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
     monkeypatch.setattr(machine, "memory_limit", lambda device: None)  # no extrapolation: one probe, of 4
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
