@@ -108,6 +108,7 @@ def test_each_evaluation_leaves_the_judges_line(tokenizer, small_eval, monkeypat
     """judge.log, for the morning audit: time, sha256 of the script that ran, val_bpb as printed, tokens scored,
     then the run, its timing on the judge's clock, the settings used and the device."""
     monkeypatch.setattr(prepare, "RUN_SCRIPT_SHA256", "ab" * 32)
+    monkeypatch.setattr(prepare, "_training", {})  # what an earlier test's memory fit told the judge, forgotten
     first = prepare.evaluate_bpb(UniformModel(8192), tokenizer, batch_size=B)
     second = prepare.evaluate_bpb(OracleModel(8192), tokenizer, batch_size=B, training_seconds=300.04)
     with open(prepare.JUDGE_LOG) as f:
@@ -119,7 +120,7 @@ def test_each_evaluation_leaves_the_judges_line(tokenizer, small_eval, monkeypat
     assert list(one) == JUDGE_FIELDS
     assert one["run"] == two["run"] == prepare.RUN_ID and re.fullmatch(r"[0-9a-f]{12}", one["run"])
     assert (one["training_claimed"], two["training_claimed"]) == ("-", "300.0")  # train.py's claim, as given
-    assert one["training"] == one["step_seconds"] == "-"  # no memory fit ran in this process's test
+    assert one["training"] == one["step_seconds"] == "-"  # no memory fit ran in this test
     assert (one["EVAL_TOKENS"], one["MAX_SEQ_LEN"], one["TIME_BUDGET"], one["VOCAB_SIZE"]) == (
         str(5 * B * T + 17), str(T), "300", "8192")
     assert one["device"] == "cpu" and one["torch"] == torch.__version__ and one["replaced"] == "-"
