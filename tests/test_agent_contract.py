@@ -43,7 +43,7 @@ def test_each_experiment_ends_as_the_contract_says(night):
     assert agent.git("rev-parse", "HEAD^") == baseline_commit  # the failed ideas were reset, the better one kept
     assert agent.git("rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/nov22"
     text = open(os.path.join(agent.project, "train.py")).read()
-    assert "broken" not in text and "import gcc" not in text and "MATRIX_LR = 0.16" in text
+    assert "broken" not in text and "import gcc" not in text and "UNEMBEDDING_LR = 0.004 " in text
     assert agent.git("show", "HEAD:train.py") == text.rstrip("\n")  # the kept commit is the code that ran
 
 

@@ -259,7 +259,7 @@ def test_a_clean_night_reports_its_real_figures_and_exits_0(copy_night):
     assert lines[0] == "Experiments: 5 (2 kept, 1 discarded, 2 crashed); keep rate 67% of the 3 that finished"
     assert lines[1].startswith("Runs:        5 finished; noise floor ") and "(2 df, from 2 commits run more" in lines[1]
     assert lines[2].startswith(f"Baseline:    {baseline:.6f}  (") and lines[2].endswith(", baseline; mean of 2 runs)")
-    assert lines[3].endswith(", MATRIX_LR 0.04 -> 0.16; mean of 2 runs)") and f"Best:        {better:.6f}" in lines[3]
+    assert lines[3].endswith(", UNEMBEDDING_LR 0.02 -> 0.004; mean of 2 runs)") and f"Best:        {better:.6f}" in lines[3]
     assert f"Improvement: {baseline - better:.6f}" in out
     assert "Audit of autoresearch/nov22: 0 findings (a clean night)" in out
     assert os.path.exists(project / "progress.png")
