@@ -1,19 +1,124 @@
 """
-The machine under the benchmark: how much memory a run may take and how much it took, glibc's allocator and
-bf16 speed on a CPU, and the memory fit that picks the largest micro-batch that fits. Fixed like prepare.py:
-the agent never edits it. It imports from prepare.py, never the reverse: what evaluate_bpb itself needs
-(recognising and recovering from out of memory) stays there.
+The machine under the benchmark: the attention kernel this GPU runs, how much memory a run may take and how
+much it took, glibc's allocator and bf16 speed on a CPU, and the memory fit that picks the largest micro-batch
+that fits. Fixed like prepare.py: the agent never edits it. It imports from prepare.py, never the reverse:
+what evaluate_bpb itself needs (recognising and recovering from out of memory) stays there.
 """
 
 import copy
 import ctypes
 import functools
+import importlib.util
+import os
+import socket
 import sys
 import time
+from urllib.parse import urlsplit
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from prepare import is_out_of_memory, make_dataloader, note_training_start, release_memory
+
+COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # CUDA's compiler is Triton
+HUB_TIMEOUT = 3                 # seconds to reach the kernel hub before its kernel is taken from the local cache
+
+# ---------------------------------------------------------------------------
+# Attention kernel: Flash Attention 3 from the kernel hub, else PyTorch attention with the same windows
+# ---------------------------------------------------------------------------
+
+_block_masks = {}  # (T, left, device type) -> BlockMask
+
+
+def _build_sliding_window_block_mask(T, left, device):
+    window = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
+    return create_block_mask(window, None, None, T, T, device=device)
+
+
+if COMPILE:  # never traced into a graph (torch.compiler.disable loads the compiler: seconds, so only when compiling)
+    _build_sliding_window_block_mask = torch.compiler.disable(_build_sliding_window_block_mask)
+
+
+def sliding_window_block_mask(T, left, device):
+    """FlexAttention block mask in which query i sees keys i-left..i, built once per (T, left, device type).
+
+    Built ahead of compilation (prepare_attention) it is a constant to the compiled model, with no graph break."""
+    key = (T, left, device.type)  # one GPU per run: the type names it (q.device is cuda:0, main's is cuda)
+    if key not in _block_masks:
+        _block_masks[key] = _build_sliding_window_block_mask(T, left, device)
+    return _block_masks[key]
+
+
+def pytorch_attention(q, k, v, causal=False, window_size=(-1, -1)):
+    """flash_attn_func's signature and defaults in PyTorch: (B, T, H, D) in and out; query i sees keys i-left..i."""
+    assert causal and window_size[1] == 0, "only causal attention with a left window is implemented"
+    T, left = q.size(1), window_size[0]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    gqa = q.size(1) != k.size(1)
+    if left < 0 or left >= T - 1:  # the window holds the whole causal context: plain causal, no mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif torch.compiler.is_compiling():  # FlexAttention, fused by the compiler: blocks outside the window skipped
+        y = flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, left, q.device), enable_gqa=gqa)
+    else:  # eager (no compile, MPS, CPU): a dense mask; FlexAttention unfused would hold B x H x T x T scores
+        i = torch.arange(T, device=q.device)
+        distance = i[:, None] - i[None, :]  # (T, T) query index minus key index
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= left), enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def prepare_attention(seq_len, window_sizes, device):
+    """Build the fallback's block masks before torch.compile traces the model (nothing to do for the hub's kernel)."""
+    if flash_attn_func is pytorch_attention:
+        for left, _ in set(window_sizes):
+            sliding_window_block_mask(seq_len, left, device)
+
+
+def hub_reachable(timeout=HUB_TIMEOUT):
+    """Whether the kernel hub ($HF_ENDPOINT, default huggingface.co) answers within `timeout` seconds."""
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_attention_kernel(fn, device, compiled):
+    """Raise unless fn runs forward and backward at the model's head size in bf16, and compiled too when training
+    compiles: a build without a backward for this GPU, or that this torch cannot compile, fails here, not in training."""
+    q, k, v = (torch.randn(1, 256, 2, 128, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(3))
+    attend = lambda q, k, v: fn(q, k, v, causal=True, window_size=(64, 0))
+    for run in [attend] + ([torch.compile(attend, dynamic=False, fullgraph=True)] if compiled else []):
+        grads = torch.autograd.grad(run(q, k, v).float().square().sum(), (q, k, v))
+        if not all(torch.isfinite(g).all() for g in grads):
+            raise RuntimeError("non-finite gradients")
+
+
+def load_flash_attention_3(device="cuda", compiled=COMPILE):
+    """FA3's flash_attn_func and the repository it came from, or None and the reason it did not load or run."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    repo = "varunneal/flash-attention-3" if (major, minor) == (9, 0) else "kernels-community/flash-attn3"
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a kernel downloaded earlier still loads; nothing waits on the network
+    try:
+        from kernels import get_kernel
+        fa3 = get_kernel(repo).flash_attn_interface.flash_attn_func
+        check_attention_kernel(fa3, device, compiled)
+        return fa3, repo
+    except Exception as e:  # no network, no build for this GPU or torch, no kernels package: fall back
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        return None, f"{repo} did not load ({type(e).__name__}: {reason})"
+
+
+flash_attn_func, ATTENTION = load_flash_attention_3()
+if flash_attn_func is None:
+    ATTENTION = f"PyTorch attention (SDPA; FlexAttention windows when compiled), because {ATTENTION}"
+    flash_attn_func = pytorch_attention
+else:
+    ATTENTION = f"Flash Attention 3 from {ATTENTION}"
 
 # ---------------------------------------------------------------------------
 # Memory: how much a run may take, how much it took
@@ -43,9 +148,9 @@ def memory_limit(device):
     the working set MPS recommends, or the CPU's RAM: what the process holds plus the system's MemAvailable
     (less under a cgroup limit), counted in address space when an address-space limit is lower. None where
     it cannot be read (a CPU off Linux)."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return total * torch.cuda.get_per_process_memory_fraction(device)
+    if device.type == "cuda":  # the fraction's wrapper refuses a device without an index: train.py's "cuda"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
     if device.type == "mps":
         return torch.mps.recommended_max_memory()
     available = _proc_bytes("/proc/meminfo", "MemAvailable")
@@ -138,7 +243,7 @@ def bf16_slowdown():
 def synchronize(device):
     """Wait for the device's queued work (CUDA, MPS); a no-op on the CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
 
@@ -148,18 +253,18 @@ EVALUATION_GRAPHS = 2  # compiled graphs the evaluation adds (eval mode, no grad
 
 def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, seq_len, tokens_per_step):
     """The largest micro-batch up to `largest` (train.py's DEVICE_BATCH_SIZE) that keeps tokens_per_step exact
-    and fits in memory: (size, its train loader, the loader's first batch, seconds per micro-step). Says so
-    in one line when it is smaller than `largest`, and in one line what the fit cost; exits with one line
-    when not even 1 sequence fits. Leaves CUDA's peak memory reset, so the run reports its own, and tells
-    the judge that training starts now and how long a step takes.
+    and fits in memory: (size, seconds per micro-step). Says so in one line when it is smaller than `largest`,
+    and in one line what the fit cost; exits with one line when not even 1 sequence fits. Leaves CUDA's peak
+    memory reset, so the run reports its own, and tells the judge that training starts now and how long a
+    step takes.
 
-    A probe is forward and backward on the first batch of a train loader of that size, the optimizer's step
-    (which allocates its state), then forward and backward again with that state and the gradients held, as
-    training holds them from its second step on; then the weights and the optimizer are restored exactly as
-    they were. Sizes are probed from the largest down; one whose allocation fails is
-    skipped. On the CPU and MPS the kernel kills a process that takes too much instead of failing the
-    allocation, so there the peak memory of the two smallest sizes is first extrapolated against what the
-    machine can give, and a size that would not fit is never tried.
+    A probe is forward and backward on the first batch of a train loader of that size (on the model's device), the
+    optimizer's step (which allocates its state), then forward and backward again with that state and the
+    gradients held, as training holds them from its second step on; then the weights and the optimizer are
+    restored exactly as they were. Sizes are probed from the largest down; one whose allocation fails is
+    skipped, and what it allocated is handed back first. On the CPU and MPS the kernel kills a process that
+    takes too much instead of failing the allocation, so there the peak memory of the two smallest sizes is
+    first extrapolated against what the machine can give, and a size that would not fit is never tried.
 
     A compiled model (dynamic=False) compiles a graph per size probed; torch.compile's recompile limit
     (8 by default) is raised to every size plus the evaluation's graphs, so that past it torch never falls
@@ -173,15 +278,13 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, len(sizes) + EVALUATION_GRAPHS)
     probed = set()
 
-    def probe(b, micro_steps):
-        """(loader, first batch, seconds of the last micro-step), or None when b ran out of memory."""
-        probed.add(b)
-        loader = make_dataloader(tokenizer, b, seq_len, "train", device=device)
-        weights = [p.detach().clone() for p in model.parameters()]
-        optimizer_state = copy.deepcopy(optimizer.state_dict())
+    def micro_steps(b, count):
+        """Seconds of the last of `count` forward and backward passes on b sequences (the first may compile), with a
+        train loader of b open as in training (on the CPU its thread and buffers count too)."""
+        loader = make_dataloader(tokenizer, b, seq_len, "train", device=next(model.parameters()).device)
         try:
-            x, y, _ = batch = next(loader)
-            for micro_step in range(micro_steps):  # the last one is timed: the first may include compilation
+            x, y, _ = next(loader)
+            for micro_step in range(count):
                 synchronize(device)
                 t0 = time.time()
                 with autocast_ctx:
@@ -190,10 +293,18 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
                 synchronize(device)
                 if micro_step == 0:  # its state then stays, beside the gradients, as in every later training step
                     optimizer.step()
-            seconds = time.time() - t0
-            return loader, batch, seconds
-        except Exception as e:
+            return time.time() - t0
+        finally:
             loader.close()
+
+    def probe(b, count):
+        """Seconds of a micro-step of b sequences, or None when b ran out of memory: weights and optimizer put back."""
+        probed.add(b)
+        weights = [p.detach().clone() for p in model.parameters()]
+        optimizer_state = copy.deepcopy(optimizer.state_dict())
+        try:
+            return micro_steps(b, count)
+        except Exception as e:  # the failed step's batch, loss and activations go with its frame
             if not is_out_of_memory(e):
                 raise
         finally:
@@ -202,17 +313,21 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
                     p.copy_(w)
             optimizer.load_state_dict(optimizer_state)
             model.zero_grad(set_to_none=True)
-        release_memory(device)
         return None
+
+    def fits(b, count):
+        """probe(b, count); after a failed one, once nothing of it is referenced, the cache is handed back."""
+        if (seconds := probe(b, count)) is None:
+            release_memory(device)
+        return seconds
 
     limit = memory_limit(device)
     if device.type != "cuda" and limit is not None and len(sizes) > 1:  # never try a size that would not fit
         b2, b1 = sizes[-2:]
         peaks = []
         for b in (b1, b2):
-            if (fit := probe(b, 1)) is None:
+            if fits(b, 1) is None:
                 break
-            fit[0].close()
             peaks.append(peak_memory(device))
         if len(peaks) < 2:
             sizes = sizes[-len(peaks):] if peaks else []
@@ -222,7 +337,7 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
             sizes = [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= headroom]
     memory = f"{limit / 1e9:.1f} GB" if limit else "memory"
     for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
-        if (fit := probe(b, 2)) is not None:
+        if (seconds := fits(b, 2)) is not None:
             if b < largest:
                 print(f"DEVICE_BATCH_SIZE {largest} does not fit in {memory}: using {b}, "
                       f"{tokens_per_step // (b * seq_len)} accumulation steps", flush=True)
@@ -231,7 +346,7 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
             print(f"Memory fit: micro-batch {b}, {len(probed)} size{'s' * (len(probed) != 1)} probed in "
                   f"{time.time() - t_start:.1f}s{graphs or ''}", flush=True)
             reset_peak_memory(device)
-            note_training_start(tokens_per_step // (b * seq_len) * fit[2])  # the judge's record of the start
-            return (b, *fit)
+            note_training_start(tokens_per_step // (b * seq_len) * seconds)  # the judge's record of the start
+            return b, seconds
     sys.exit(f"error: not even a micro-batch of 1 sequence of {seq_len} tokens fits in {memory}; "
              f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")

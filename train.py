@@ -14,7 +14,6 @@ os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import gc
-import importlib.util
 import math
 import sys
 import time
@@ -23,81 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-# ---------------------------------------------------------------------------
-# Attention kernel: Flash Attention 3 from the kernel hub, else PyTorch attention with the same windows
-# ---------------------------------------------------------------------------
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader
+from machine import (ATTENTION, COMPILE, bf16_slowdown, cuda_peak_mb, fit_micro_batch, flash_attn_func,
+                     keep_freed_memory, prepare_attention, synchronize)
 
-def load_flash_attention_3():
-    """FA3's flash_attn_func and the repository it came from, or None and the reason it did not load."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA device"
-    major, minor = torch.cuda.get_device_capability()
-    repo = "varunneal/flash-attention-3" if (major, minor) == (9, 0) else "kernels-community/flash-attn3"
-    try:
-        from kernels import get_kernel
-        fa3 = get_kernel(repo).flash_attn_interface.flash_attn_func
-        probe = torch.randn(1, 8, 1, 128, dtype=torch.bfloat16, device="cuda")
-        fa3(probe, probe, probe, causal=True, window_size=(4, 0))  # a build that loads but cannot run here
-        return fa3, repo
-    except Exception as e:  # no network, no build for this GPU or torch, no kernels package: fall back
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        return None, f"{repo} did not load ({type(e).__name__}: {reason})"
-
-
-COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # CUDA's compiler is Triton
-_block_masks = {}  # (T, left, device type) -> BlockMask
-
-
-def _build_sliding_window_block_mask(T, left, device):
-    window = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
-    return create_block_mask(window, None, None, T, T, device=device)
-
-
-if COMPILE:  # never traced into a graph (torch.compiler.disable loads the compiler: seconds, so only when compiling)
-    _build_sliding_window_block_mask = torch.compiler.disable(_build_sliding_window_block_mask)
-
-
-def sliding_window_block_mask(T, left, device):
-    """FlexAttention block mask in which query i sees keys i-left..i, built once per (T, left, device type).
-
-    Built ahead of compilation (see main) it is a constant to the compiled model, with no graph break."""
-    key = (T, left, device.type)  # one GPU per run: the type names it (q.device is cuda:0, main's is cuda)
-    if key not in _block_masks:
-        _block_masks[key] = _build_sliding_window_block_mask(T, left, device)
-    return _block_masks[key]
-
-
-def pytorch_attention(q, k, v, causal=False, window_size=(-1, -1)):
-    """flash_attn_func's signature and defaults in PyTorch: (B, T, H, D) in and out; query i sees keys i-left..i."""
-    assert causal and window_size[1] == 0, "only causal attention with a left window is implemented"
-    T, left = q.size(1), window_size[0]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    gqa = q.size(1) != k.size(1)
-    if left < 0 or left >= T - 1:  # the window holds the whole causal context: plain causal, no mask
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif torch.compiler.is_compiling():  # FlexAttention, fused by the compiler: blocks outside the window skipped
-        y = flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, left, q.device), enable_gqa=gqa)
-    else:  # eager (no compile, MPS, CPU): a dense mask; FlexAttention unfused would hold B x H x T x T scores
-        i = torch.arange(T, device=q.device)
-        distance = i[:, None] - i[None, :]  # (T, T) query index minus key index
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= left), enable_gqa=gqa)
-    return y.transpose(1, 2)
-
-
-flash_attn_func, attention_source = load_flash_attention_3()
-if flash_attn_func is None:
-    attention_backend = f"PyTorch attention (SDPA; FlexAttention windows when compiled), because {attention_source}"
-    flash_attn_func = pytorch_attention
-else:
-    attention_backend = f"Flash Attention 3 from {attention_source}"
-print(f"Attention: {attention_backend}", flush=True)
+print(f"Attention: {ATTENTION}", flush=True)  # the hub's Flash Attention 3, or PyTorch's with the same windows
 if torch.cuda.is_available() and not COMPILE:
     print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
-
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader  # noqa: E402
-from machine import bf16_slowdown, cuda_peak_mb, fit_micro_batch, keep_freed_memory, synchronize  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -462,7 +394,8 @@ DEVICE_BATCH_SIZE = 128     # sequences per forward/backward; lower it if memory
 # ---------------------------------------------------------------------------
 
 GPU_PEAK_FLOPS = {  # bf16 dense tensor-core peak by a part of the CUDA device name; the longest match wins
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.5e12, "H200": 989.5e12, "H800": 989.5e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.5e12, "H200 NVL": 835e12, "H200": 989.5e12,
+    "H800 PCIe": 756e12, "H800": 989.5e12,
     "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362.05e12, "L40": 181.05e12, "L4": 121e12,
     "RTX 4090": 165.2e12,
 }
@@ -555,14 +488,14 @@ def main():
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     if COMPILE:
-        if flash_attn_func is pytorch_attention:  # FlexAttention masks exist before compilation: no graph breaks
-            for left, _ in set(model.window_sizes):
-                sliding_window_block_mask(MAX_SEQ_LEN, left, device)
+        prepare_attention(MAX_SEQ_LEN, model.window_sizes, device)  # the fallback's masks, before tracing
         model = torch.compile(model, dynamic=False)
 
-    # the largest micro-batch up to DEVICE_BATCH_SIZE that fits; the first batch is fetched before the clock
-    micro_batch, train_loader, (x, y, epoch), micro_step_seconds = fit_micro_batch(
-        model, optimizer, tokenizer, device, autocast_ctx, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, TOTAL_BATCH_SIZE)
+    # the largest micro-batch up to DEVICE_BATCH_SIZE that fits (the same tokens per step: more accumulation)
+    micro_batch, micro_step_seconds = fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx,
+                                                      DEVICE_BATCH_SIZE, MAX_SEQ_LEN, TOTAL_BATCH_SIZE)
+    train_loader = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train")
+    x, y, epoch = next(train_loader)  # prefetch first batch
     grad_accum_steps = TOTAL_BATCH_SIZE // (micro_batch * MAX_SEQ_LEN)
     step_seconds = grad_accum_steps * micro_step_seconds
     expected_seconds = 11 * step_seconds + max(TIME_BUDGET, step_seconds) + EVAL_TOKENS / TOTAL_BATCH_SIZE * step_seconds / 3

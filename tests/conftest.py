@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import weakref
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -136,6 +138,76 @@ def use_cache(monkeypatch, tiny_cache):
 @pytest.fixture
 def tokenizer(use_cache):
     return prepare.Tokenizer.from_directory()
+
+
+# --- a CUDA driver for torch's own Python layer -----------------------------------------------------------
+
+class FakeCudaDriver:
+    """The entry points that torch.cuda's Python functions call into its C extension (device count and properties,
+    the current device, the memory fraction, the allocator's statistics and cache, synchronisation), answered
+    for one GPU without a driver, so that CPU tests run torch's own wrappers, with every argument check they
+    make, on the devices our code passes them. Each entry point takes the device index as an int, as the
+    compiled one does (a torch.device is a TypeError there). allocate() and free() stand in for what CUDA's
+    caching allocator counts; calls lists every entry point reached, in order. No tensor is ever on CUDA."""
+
+    def __init__(self, name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, capability=(9, 0), fraction=1.0):
+        self.properties = SimpleNamespace(name=name, total_memory=total_memory, major=capability[0],
+                                          minor=capability[1], multi_processor_count=132)
+        self.fraction, self.allocated, self.peak, self.calls = fraction, 0, 0, []
+
+    def _index(self, entry_point, index):
+        if type(index) is not int:  # the compiled entry points parse a long
+            raise TypeError(f"{entry_point}(): argument 'device' must be int, not {type(index).__name__}")
+        assert index == 0, f"{entry_point}: there is one GPU, not {index}"
+        self.calls.append(entry_point)
+
+    def install(self, mp):
+        C = torch._C
+        mp.setattr(C, "_cuda_getDeviceCount", lambda: 1)
+        mp.setattr(torch.cuda, "_cached_device_count", None)
+        mp.setattr(torch.cuda, "_initialized", True)  # what a successful _cuda_init() leaves behind: _lazy_init is done
+        mp.setattr(torch.cuda, "default_generators", (torch.Generator(),))  # also _cuda_init's (torch.compile saves them)
+        mp.setattr(torch.cuda, "_get_device_properties", lambda i: self._index("getDeviceProperties", i) or
+                   self.properties, raising=False)  # defined by _cuda_init
+        mp.setattr(C, "_cuda_getDevice", lambda: 0)
+        mp.setattr(torch.cuda, "_exchange_device", lambda i: self._index("exchangeDevice", i) or 0)
+        mp.setattr(torch.cuda, "_maybe_exchange_device", lambda i: self._index("maybeExchangeDevice", i) or 0)
+        mp.setattr(C, "_cuda_getMemoryFraction", lambda i: self._index("getMemoryFraction", i) or self.fraction)
+        mp.setattr(C, "_cuda_setMemoryFraction", lambda f, i: self._index("setMemoryFraction", i) or
+                   setattr(self, "fraction", f))
+        mp.setattr(C, "_cuda_memoryStats", lambda i: self._index("memoryStats", i) or {
+            "allocated_bytes": {"all": {"current": self.allocated, "peak": self.peak}}})
+        mp.setattr(C, "_cuda_resetPeakMemoryStats", lambda i: self._index("resetPeakMemoryStats", i) or
+                   setattr(self, "peak", self.allocated))
+        mp.setattr(C, "_cuda_synchronize", lambda: self.calls.append("synchronize"))
+        mp.setattr(C, "_cuda_emptyCache", lambda: self.calls.append("emptyCache"))
+        return self
+
+    def allocate(self, nbytes, owner):
+        """Count nbytes until `owner` (a tensor) is freed; past the memory fraction, raise what CUDA raises."""
+        limit = self.properties.total_memory * self.fraction
+        if self.allocated + nbytes > limit:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {nbytes / 2**20:.2f} MiB. GPU 0 has a total capacity of "
+                f"{self.properties.total_memory / 2**30:.2f} GiB of which {(limit - self.allocated) / 2**20:.2f} MiB "
+                f"is free. Of the allocated memory {self.allocated / 2**20:.2f} MiB is allocated by PyTorch")
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+        weakref.finalize(owner, self.free, nbytes)
+
+    def free(self, nbytes):
+        self.allocated -= nbytes
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """One H100 (80 GiB) behind torch.cuda's real Python layer; the test changes .properties or .fraction as it
+    needs. Only where torch is built with CUDA and no real GPU is present."""
+    if not torch.backends.cuda.is_built():
+        pytest.skip("this torch is built without CUDA: torch.cuda's wrappers refuse before the driver")
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU is here: the GPU check runs these lines for real")
+    return FakeCudaDriver().install(monkeypatch)
 
 
 # --- the project as an agent sees it: a copy with its constants edited down --------------------------------

@@ -1,10 +1,9 @@
 """Attention: the PyTorch fallback against a naive masked softmax, forward and backward, with the kernel's windows.
 
-Covers the three paths of train.pytorch_attention (causal SDPA for full windows, a dense mask when called
-eagerly, the FlexAttention block mask inside a compiled graph, chosen per call; the block mask is also
-checked on the CPU) for windows S, L, the forced-L
-last layer and the edges 0 and T-1, with several query/key-value head counts. On CUDA, Flash Attention 3
-from the kernel hub against the fallback when the hub kernel loads.
+Covers the three paths of machine.pytorch_attention (causal SDPA for full windows, a dense mask when called
+eagerly, the FlexAttention block mask inside a compiled graph, chosen per call; the block mask is also checked
+on the CPU) for windows S, L, the forced-L last layer and the edges 0 and T-1, with several query/key-value head
+counts. On CUDA, Flash Attention 3 from the kernel hub against the naive reference when the hub kernel loads.
 
     uv run pytest tests/test_attention.py
 """
@@ -14,6 +13,7 @@ import math
 import pytest
 import torch
 
+import machine
 import train
 
 T = 64
@@ -66,7 +66,7 @@ def assert_same_forward_backward(fn, q, k, v, left, atol, backward=True):
 @pytest.mark.parametrize("left", WINDOWS)
 def test_fallback_matches_naive_attention(left, n_head, n_kv_head):
     q, k, v = random_qkv(n_head, n_kv_head)
-    fallback = lambda q, k, v: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    fallback = lambda q, k, v: machine.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
     assert_same_forward_backward(fallback, q, k, v, left, atol=1e-10)
 
 
@@ -78,10 +78,10 @@ def test_flex_block_mask_matches_naive_attention(left, n_head, n_kv_head):
 
     torch 2.9 (the locked version) runs FlexAttention's backward on the CPU; later releases refuse it."""
     q, k, v = random_qkv(n_head, n_kv_head)
-    mask = train.sliding_window_block_mask(T, left, torch.device("cpu"))
+    mask = machine.sliding_window_block_mask(T, left, torch.device("cpu"))
 
     def flex(q, k, v):
-        y = train.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+        y = machine.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
                                  enable_gqa=n_head != n_kv_head)
         return y.transpose(1, 2)
 
@@ -93,13 +93,13 @@ def test_window_is_left_plus_one_keys_not_left():
     """Off-by-one guard: with window (left, 0), query i must see key i - left (the kernel does)."""
     q, k, v = (t.detach() for t in random_qkv(1, 1))
     left = 4
-    out = train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    out = machine.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
     v2 = v.clone()
     v2[:, 10 - left] += 100.0  # key 6 is inside query 10's window, key 5 is not
-    assert not torch.allclose(train.pytorch_attention(q, k, v2, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
+    assert not torch.allclose(machine.pytorch_attention(q, k, v2, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
     v3 = v.clone()
     v3[:, 10 - left - 1] += 100.0
-    torch.testing.assert_close(train.pytorch_attention(q, k, v3, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
+    torch.testing.assert_close(machine.pytorch_attention(q, k, v3, causal=True, window_size=(left, 0))[:, 10], out[:, 10])
 
 
 @pytest.mark.parametrize("length", [2, 4])
@@ -107,7 +107,7 @@ def test_window_is_left_plus_one_keys_not_left():
 def test_grouped_query_heads_at_any_sequence_length(length, left):
     """4 query heads on 2 key/value heads where T equals one head count or the other (sizes not to be confused)."""
     q, k, v = random_qkv(4, 2, length=length)
-    out = train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    out = machine.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
     torch.testing.assert_close(out, naive_attention(q, k, v, left if left >= 0 else length))
 
 
@@ -117,7 +117,7 @@ def test_only_causal_attention_with_a_left_window_is_accepted(kwargs):
     """The kernel's defaults (not causal, no window) and right windows are refused, not silently made causal."""
     q, k, v = (t.detach() for t in random_qkv(2, 2))
     with pytest.raises(AssertionError, match="only causal attention with a left window is implemented"):
-        train.pytorch_attention(q, k, v, **kwargs)
+        machine.pytorch_attention(q, k, v, **kwargs)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -128,14 +128,14 @@ def test_the_window_path_is_chosen_per_call(monkeypatch, compiled):
     left = T // 2
     q, k, v = (t.detach().float() for t in random_qkv(2, 2))
     expected = naive_attention(q.double(), k.double(), v.double(), left).float()
-    train.sliding_window_block_mask(T, left, q.device)  # built ahead of compilation, as main does
+    machine.sliding_window_block_mask(T, left, q.device)  # built ahead of compilation, as main does
     graphs = []
 
     def recording_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    attention = lambda q, k, v: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    attention = lambda q, k, v: machine.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
     if compiled:
         torch._dynamo.reset()
         out = torch.compile(attention, backend=recording_backend, fullgraph=True)(q, k, v)
@@ -146,7 +146,7 @@ def test_the_window_path_is_chosen_per_call(monkeypatch, compiled):
         def unfused(*args, **kwargs):
             raise AssertionError("FlexAttention called eagerly")
 
-        monkeypatch.setattr(train, "flex_attention", unfused)
+        monkeypatch.setattr(machine, "flex_attention", unfused)
         out = attention(q, k, v)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
@@ -161,7 +161,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("left", [T // 2, T, 0, 1])
 def test_cuda_fallback_in_bf16_matches_naive(left, n_head, n_kv_head):
     q, k, v = random_qkv(n_head, n_kv_head, dtype=torch.bfloat16, device="cuda")
-    fallback = lambda q, k, v: train.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
+    fallback = lambda q, k, v: machine.pytorch_attention(q, k, v, causal=True, window_size=(left, 0))
     assert_same_forward_backward(fallback, q, k, v, left, atol=3e-2)
 
 
@@ -169,9 +169,8 @@ def test_cuda_fallback_in_bf16_matches_naive(left, n_head, n_kv_head):
 @pytest.mark.parametrize("n_head,n_kv_head", HEADS)
 @pytest.mark.parametrize("left", [T // 2, T, 0, 1])
 def test_hub_kernel_matches_fallback(left, n_head, n_kv_head):
-    fa3, source = train.load_flash_attention_3()
-    if fa3 is None:
-        pytest.skip(f"hub kernel unavailable: {source}")
+    if machine.flash_attn_func is machine.pytorch_attention:  # looked for once, as machine.py was imported
+        pytest.skip(f"hub kernel unavailable: {machine.ATTENTION}")
     q, k, v = random_qkv(n_head, n_kv_head, dtype=torch.bfloat16, device="cuda")
-    kernel = lambda q, k, v: fa3(q, k, v, causal=True, window_size=(left, 0))
+    kernel = lambda q, k, v: machine.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
     assert_same_forward_backward(kernel, q, k, v, left, atol=3e-2)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import machine
 import train
 
 SEQ = 16  # config.sequence_len: the S window (SEQ // 2) is shorter than the input, so its mask matters
@@ -116,7 +117,7 @@ CASES = [  # n_layer, n_head, n_kv_head, pattern
 @pytest.fixture(autouse=True)
 def cpu_attention(monkeypatch):
     """The model on the CPU goes through the PyTorch fallback even where a hub kernel loaded."""
-    monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
+    monkeypatch.setattr(train, "flash_attn_func", machine.pytorch_attention)
 
 
 def data(seed=1, B=3):

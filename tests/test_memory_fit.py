@@ -106,7 +106,7 @@ def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny
 def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
     """A probe's second forward and backward run with the optimizer's state held, as training's do; then the
     weights and the optimizer are put back."""
-    monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
+    monkeypatch.setattr(train, "flash_attn_func", machine.pytorch_attention)
     monkeypatch.setattr(machine, "memory_limit", lambda device: None)  # no extrapolation: one probe, of 4
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
@@ -121,10 +121,8 @@ def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, 
     monkeypatch.setattr(train.GPT, "forward", recorded_forward)
     before = [p.detach().clone() for p in model.parameters()]
     autocast = torch.autocast("cpu", enabled=False)
-    b, loader, (x, y, epoch), seconds = machine.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"),
-                                                                autocast, 4, 64, 4 * 64)
-    loader.close()
-    assert b == 4 and x.shape == (4, 64) and epoch == 1 and seconds > 0
+    b, seconds = machine.fit_micro_batch(model, optimizer, tokenizer, torch.device("cpu"), autocast, 4, 64, 4 * 64)
+    assert b == 4 and seconds > 0
     assert forwards == [(4, False), (4, True)]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
@@ -264,7 +262,7 @@ def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, c
     torch's limit lowered to 2, the fit must raise it, or the later graphs would silently run eagerly."""
     counter = CompileCounter()
     real_compile = torch.compile
-    loaders, synced, evaluated_after = [], [], []
+    failed, evaluated_after = [], []
     torch._dynamo.reset()
     forward = train.GPT.forward
     with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(recompile_limit=2):
@@ -278,23 +276,22 @@ def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, c
         mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
         mp.setattr(train, "TIME_BUDGET", 0.01)
         mp.setattr(machine, "memory_limit", lambda device: None)
-        make_dataloader, evaluate_bpb = machine.make_dataloader, train.evaluate_bpb
-        mp.setattr(machine, "make_dataloader", lambda tokenizer, B, *a, **k: loaders.append(B) or make_dataloader(
-            tokenizer, B, *a, **k))
+        step, evaluate_bpb = train.MuonAdamW.step, train.evaluate_bpb
 
-        def out_of_memory_after_the_compiled_step(device):  # each probe compiles its graph, then runs out
-            synced.append(len(loaders))
-            if loaders[-1] > 1 and synced.count(len(loaders)) == 2:  # a probe's second sync: after its backward
+        def out_of_memory_after_the_compiled_step(self):  # the probes of 4 and 2 compile their graph, then run out
+            if in_memory_fit() and len(failed) < 2:
+                failed.append(counter.frame_count)
                 raise OUT_OF_MEMORY["cuda"]()
+            return step(self)
 
-        mp.setattr(machine, "synchronize", out_of_memory_after_the_compiled_step)
+        mp.setattr(train.MuonAdamW, "step", out_of_memory_after_the_compiled_step)
         mp.setattr(train, "evaluate_bpb", lambda model, *a, **k: evaluated_after.append(counter.frame_count) or
                    evaluate_bpb(model, *a, **k))
         status, out = run_main(capsys)
         limit = torch._dynamo.config.recompile_limit
     torch._dynamo.reset()
     assert status == 0, out
-    assert loaders == [4, 2, 1]
+    assert failed == [1, 2]  # each probe that ran out had compiled its own graph
     assert re.search(r"^Memory fit: micro-batch 1, 3 sizes probed in [\d.]+s, 3 compiled graphs \(recompile limit 5\)$",
                      out, flags=re.M), out
     assert limit == 3 + machine.EVALUATION_GRAPHS
@@ -322,7 +319,7 @@ def test_the_model_is_in_eval_mode_for_the_evaluation(tiny_cache, capsys):
 @pytest.fixture
 def random_gpt(use_cache, monkeypatch):
     judge_settings(monkeypatch, MAX_SEQ_LEN=32, EVAL_TOKENS=12 * 32 + 5)  # 12 rows
-    monkeypatch.setattr(train, "flash_attn_func", train.pytorch_attention)
+    monkeypatch.setattr(train, "flash_attn_func", machine.pytorch_attention)
     torch.manual_seed(0)
     model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
