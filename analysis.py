@@ -27,7 +27,8 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
+
+from files import JUDGE_LOG, JUDGE_SETTINGS, read_judge_log
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -36,8 +37,6 @@ from datetime import datetime, timezone
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
 AGENT_FILES = ["train.py"]     # the only file a night may change; every other file of the project is fixed
-JUDGE_LOG = "judge.log"        # evaluate_bpb's own record, beside results.tsv
-JUDGE_SETTINGS = ["EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE"]  # prepare.py's, logged per evaluation
 TIME_SLACK = 1.25              # an evaluation may come this many times (budget + 12 measured steps) after the
 TIME_GRACE = 60                # training began, plus these seconds, before it counts as trained past the budget
 ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -253,15 +252,6 @@ def report(rows):
 # The audit: the ledger against git and the judge's own log
 # ---------------------------------------------------------------------------
 
-@dataclass
-class JudgeRun:
-    line: int          # line number in judge.log
-    time: float        # when the judge wrote it (seconds since the epoch)
-    sha256: str        # of the train.py that ran
-    val_bpb: str       # 6 decimals, as train.py printed it
-    fields: dict       # key=value fields of newer lines: run, timing, settings, device ({} in older lines)
-
-
 def git(directory, *args):
     """stdout of a git command in `directory`, or None when it fails."""
     try:
@@ -269,22 +259,6 @@ def git(directory, *args):
     except OSError:
         return None
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def read_judge_log(path):
-    """Every evaluation in judge.log, old 4-field lines included; lines that are not the judge's are skipped."""
-    runs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.rstrip("\r\n").split("\t")
-            try:
-                when = datetime.strptime(fields[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
-            except ValueError:
-                continue
-            if len(fields) >= 4:
-                extra = dict(field.split("=", 1) for field in fields[4:] if "=" in field)
-                runs.append(JudgeRun(number, when, fields[1], fields[2], extra))
-    return runs
 
 
 def find_branch(rows, directory, named=None):

@@ -17,13 +17,10 @@ import hashlib
 import math
 import os
 import pickle
-import socket
 import sys
-import threading
 import time
 import uuid
 from collections import deque
-from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from multiprocessing import Pool
@@ -36,6 +33,8 @@ import rustbpe
 import tiktoken
 import torch
 
+from files import JUDGE_FIELDS, JUDGE_LOG, judge_line, sweep_temporary_files, write_durably
+
 # ---------------------------------------------------------------------------
 # Constants (fixed: they define the benchmark)
 # ---------------------------------------------------------------------------
@@ -44,24 +43,9 @@ MAX_SEQ_LEN = 2048              # context length for training and evaluation
 TIME_BUDGET = 300               # seconds of training (wall clock, compilation excluded)
 EVAL_TOKENS = 40 * 524288       # tokens seen by the validation evaluation
 VOCAB_SIZE = 8192               # tokenizer size, special tokens included
-
-CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
-DATA_DIR = os.path.join(CACHE_DIR, "data")
-TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
-TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so each run does not re-tokenize them
-
-JUDGE_LOG = "judge.log"         # evaluate_bpb appends a line per evaluation here, in the directory of the run
-
-HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 MAX_SHARD = 6542                # shards are shard_00000.parquet ... shard_06542.parquet
 VAL_SHARD = MAX_SHARD           # the validation shard is pinned to the last one, whatever else is downloaded
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
-DOWNLOAD_ATTEMPTS = 5           # per shard
-RETRY_WAIT = 2                  # seconds after the first failed attempt, doubling after each later one
-CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
-DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
-STALE_TEMPORARY = 3600          # seconds after which another machine's temporary file counts as abandoned
 
 # GPT-4's split pattern, with numbers split into groups of at most 2 digits (not 3)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -69,84 +53,22 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]   # every document starts with it
 TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text fed to BPE
 TOKENIZER_DOC_CAP = 10_000      # each document is cut to its first this many characters for BPE
+
+# ---------------------------------------------------------------------------
+# Where things live and how downloads behave (operational: not part of the benchmark)
+# ---------------------------------------------------------------------------
+
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so each run does not re-tokenize them
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+DOWNLOAD_ATTEMPTS = 5           # per shard
+RETRY_WAIT = 2                  # seconds after the first failed attempt, doubling after each later one
+CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
+DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
 ROUND_TRIP_SAMPLE = "Hello world! 12345 tokens: café, naïve, 東京, 🚀 done."  # a tokenizer must give it back
-
-# ---------------------------------------------------------------------------
-# Files in the cache: durable, and never half-written under their final name
-# ---------------------------------------------------------------------------
-
-def remove_quietly(*paths):
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def temporary_name(path):
-    """path.<host>.<pid>.<thread>.tmp: unique to this writer, even with runs on other machines sharing the cache."""
-    return f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
-
-
-def write_durably(path, write, check=None):
-    """write(f) into a temporary file, flush and fsync it, check(temporary path) if given, then rename it to
-    path: a crash or power cut leaves the old state or the whole new file, never a part of one."""
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    try:  # the rename itself reaches the disk with the directory (POSIX only)
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def writer_is_gone(name):
-    """Whether the run that wrote the temporary file `name` is gone: True or False for this machine's runs,
-    None for another machine's (its age decides)."""
-    try:
-        stem, pid, _thread, _ = name.rsplit(".", 3)
-        pid = int(pid)
-    except ValueError:
-        return True  # not one of ours, or an older format: nobody writes it any more
-    if stem.endswith("." + socket.gethostname()) and os.name == "posix":
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return True
-        except OSError:
-            pass
-        return False
-    return None  # another machine's: judged by its age
-
-
-def sweep_temporary_files(directory):
-    """Remove the temporary files of runs that died (interrupted downloads, a killed run); never a live one's."""
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            if not (name.endswith(".tmp") or name.endswith(".tmp.npz")):
-                continue
-            path = os.path.join(parent, name)
-            gone = writer_is_gone(name)
-            try:
-                if gone is None:
-                    gone = time.time() - os.path.getmtime(path) > STALE_TEMPORARY
-                if gone:
-                    os.remove(path)
-            except OSError:
-                pass  # removed by another run meanwhile
 
 # ---------------------------------------------------------------------------
 # Shards on disk
@@ -558,57 +480,6 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 
-def is_out_of_memory(error):
-    """A failed allocation on any device: CUDA's OutOfMemoryError, the CPU or MPS allocator's RuntimeError."""
-    message = str(error)
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
-
-
-def release_memory(device):
-    """Hand cached blocks back after a failed allocation, so the next, smaller attempt can have them."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
-
-
-def _script_sha256():
-    """sha256 of the script this process runs (train.py), read when prepare is imported: as the run started."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except (OSError, TypeError):
-        return "-"
-
-
-RUN_SCRIPT_SHA256 = _script_sha256()
-RUN_ID = uuid.uuid4().hex[:12]  # one per process: the audit counts each run's evaluations
-RUN_STARTED = time.time()       # the judge's own clock, started as the run imports it (train.py's clock is its own)
-_training = {}                  # when the training began and its measured seconds per step (note_training_start)
-
-
-def note_training_start(step_seconds):
-    """Called by the memory fit as the clock is about to start: the judge's own record of when training began
-    and how long a step took, against which the audit checks when the evaluation came."""
-    _training.update(started=time.time(), step_seconds=step_seconds)
-
-
-def log_evaluation(val_bpb, tokens, fields):
-    """The judge's own record, for the morning audit (analysis.py): time, sha256 of the train.py that ran,
-    val_bpb, tokens evaluated, then `key=value` fields (the run, its timing, the settings used, the device);
-    one tab-separated line appended to JUDGE_LOG. Never stops a run."""
-    extra = "".join(f"\t{key}={value}" for key, value in fields.items())
-    line = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{RUN_SCRIPT_SHA256}\t{val_bpb:.6f}\t{tokens}{extra}\n"
-    try:
-        with open(JUDGE_LOG, "a", encoding="utf-8") as f:
-            f.write(line)
-    except OSError as e:
-        print(f"warning: {JUDGE_LOG} not written ({e}); the morning audit will miss this evaluation", file=sys.stderr)
-
-
 def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
     """Validation bits per byte: summed cross-entropy (nats) of byte-carrying targets / (ln 2 * their bytes).
 
@@ -679,10 +550,62 @@ def _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device):
     return total_nats / (math.log(2) * total_bytes)
 
 
+# The judge's own record of the run: which script, which process, its clock
+
+def _script_sha256():
+    """sha256 of the script this process runs (train.py), read when prepare is imported: as the run started."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, TypeError):
+        return "-"
+
+
+RUN_SCRIPT_SHA256 = _script_sha256()
+RUN_ID = uuid.uuid4().hex[:12]  # one per process: the audit counts each run's evaluations
+RUN_STARTED = time.time()       # the judge's own clock, started as the run imports it (train.py's clock is its own)
+_training = {}                  # when the training began and its measured seconds per step (note_training_start)
+
+
+def note_training_start(step_seconds):
+    """Called by the memory fit as the clock is about to start: the judge's own record of when training began
+    and how long a step took, against which the audit checks when the evaluation came."""
+    _training.update(started=time.time(), step_seconds=step_seconds)
+
+
+def log_evaluation(val_bpb, tokens, fields):
+    """The judge's own record, for the morning audit (analysis.py): one line appended to JUDGE_LOG (its format:
+    files.judge_line), with the sha256 of the train.py that ran. Never stops a run."""
+    try:
+        with open(JUDGE_LOG, "a", encoding="utf-8") as f:
+            f.write(judge_line(RUN_SCRIPT_SHA256, val_bpb, tokens, fields))
+    except OSError as e:
+        print(f"warning: {JUDGE_LOG} not written ({e}); the morning audit will miss this evaluation", file=sys.stderr)
+
+
+# Out of memory, on any device: the evaluation halves its batch (the memory fit in machine.py skips a size)
+
+def is_out_of_memory(error):
+    """A failed allocation on any device: CUDA's OutOfMemoryError, the CPU or MPS allocator's RuntimeError."""
+    message = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
+
+
+def release_memory(device):
+    """Hand cached blocks back after a failed allocation, so the next, smaller attempt can have them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 # What the judge is, as prepare.py was imported: evaluate_bpb runs on these whatever a run reassigns here
 JUDGE_SETTINGS = dict(EVAL_TOKENS=EVAL_TOKENS, MAX_SEQ_LEN=MAX_SEQ_LEN, TIME_BUDGET=TIME_BUDGET, VOCAB_SIZE=VOCAB_SIZE)
 JUDGE_CODE = {name: value for name, value in globals().items()
-              if callable(value) and getattr(value, "__module__", None) == __name__}
+              if callable(value) and getattr(value, "__module__", None) in (__name__, "files")}
 
 # ---------------------------------------------------------------------------
 # Main: download, then train the tokenizer

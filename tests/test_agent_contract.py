@@ -14,7 +14,7 @@ resets, in the right format, untracked, with prepare.py never changed.
 import os
 import re
 
-from conftest import AMEND, CRASH, DECIDE, GREP, HEADER, RUN  # read out of program.md; the night itself is in conftest
+from helpers import AMEND, CRASH, DECIDE, GREP, HEADER, RUN
 
 
 def test_commands_come_from_program_md():

@@ -26,7 +26,7 @@ import matplotlib.pyplot
 import pytest
 
 import analysis
-from conftest import GREP, RUN, Agent, replace_in, set_constants
+from helpers import GREP, RUN, Agent, git, replace_in, set_constants
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 LEDGER = [  # a night with known figures
@@ -239,9 +239,6 @@ def copy_night(night, tmp_path):
     shutil.copytree(agent.project, project)
     return project, runs
 
-
-def git(project, *args):
-    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def ledger_lines(project):

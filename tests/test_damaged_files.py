@@ -25,10 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import prepare
-from conftest import ROOT, TINY_PREPARE, make_documents, make_project, point_prepare_at
-from test_download import PREFIX, InlinePool, ShardServer, parquet_bytes
-from test_train_run import parse_summary, run_train
+from helpers import PREFIX, ROOT, TINY_PREPARE, InlinePool, make_documents, make_project, parquet_bytes, parse_summary, point_prepare_at, run_train, ShardServer
 
 DAMAGES = ["truncated", "empty", "random"]
 KINDS = ["shard", "tokenizer.pkl", "token_bytes.pt", "token cache"]
@@ -244,7 +243,7 @@ def test_the_sweep_removes_only_temporary_files_that_nobody_writes(tmp_path):
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    files = {
+    temporary = {
         "live": f"shard_00000.parquet.{host}.{os.getpid()}.1.tmp",             # this process: writing
         "dead": f"shard_00001.parquet.{host}.{dead.pid}.1.tmp",                # its process is gone
         "old format": "shard_00002.parquet.tmp",                              # an older version's
@@ -253,12 +252,12 @@ def test_the_sweep_removes_only_temporary_files_that_nobody_writes(tmp_path):
         "a shard": "shard_00005.parquet",
     }
     (tmp_path / "sub").mkdir()
-    for key, name in files.items():
+    for key, name in temporary.items():
         (tmp_path / "sub" / name).write_bytes(b"x")
-    hours_ago = time.time() - 2 * prepare.STALE_TEMPORARY
-    os.utime(tmp_path / "sub" / files["other machine, abandoned"], (hours_ago, hours_ago))
-    prepare.sweep_temporary_files(str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "sub")) == sorted(files[k] for k in ("live", "other machine", "a shard"))
+    hours_ago = time.time() - 2 * files.STALE_TEMPORARY
+    os.utime(tmp_path / "sub" / temporary["other machine, abandoned"], (hours_ago, hours_ago))
+    files.sweep_temporary_files(str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "sub")) == sorted(temporary[k] for k in ("live", "other machine", "a shard"))
 
 
 def test_two_prepare_runs_at_once_end_with_the_same_shards_and_one_tokenizer(tmp_path):

@@ -3,7 +3,7 @@
 The reference below reads the parquet files itself, tokenizes every slice of 128 documents, and scans one
 list in arrival order for every document it places, exactly as SPEC section 2 words it. The real loader
 (length-ordered buffer, background reading, token cache) must give the same (inputs, targets, epoch) across
-an epoch boundary, from a cold token cache and from a warm one. tests/bench_dataloader.py times the two.
+an epoch boundary, from a cold token cache and from a warm one. tools/bench_dataloader.py times the two.
 
     uv run pytest tests/test_dataloader.py
 """
@@ -16,48 +16,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import make_documents, write_shard
-
-
-def reference_dataloader(tokenizer, B, T, split, buffer_size=1000):
-    """SPEC's packing, written plainly: the longest document that fits (earliest among equals), else crop the shortest."""
-    def slices():
-        epoch = 1
-        while True:
-            for name in sorted(os.listdir(prepare.DATA_DIR)):
-                if not name.endswith(".parquet") or (name == prepare.VAL_FILENAME) != (split == "val"):
-                    continue
-                pf = pq.ParquetFile(os.path.join(prepare.DATA_DIR, name))
-                for rg in range(pf.num_row_groups):
-                    texts = pf.read_row_group(rg).column("text").to_pylist()
-                    for i in range(0, len(texts), 128):
-                        yield texts[i:i + 128], epoch
-            epoch += 1
-
-    source = slices()
-    bos = tokenizer.get_bos_token_id()
-    buffer, epoch = [], 1
-    while True:
-        rows = []
-        for _ in range(B):
-            row = []
-            while len(row) < T + 1:
-                while len(buffer) < buffer_size:
-                    texts, epoch = next(source)
-                    buffer.extend(tokenizer.encode(texts, prepend=bos))
-                remaining = T + 1 - len(row)
-                best = None
-                for i, doc in enumerate(buffer):
-                    if len(doc) <= remaining and (best is None or len(doc) > len(buffer[best])):
-                        best = i
-                if best is not None:
-                    row.extend(buffer.pop(best))
-                else:
-                    shortest = min(range(len(buffer)), key=lambda i: len(buffer[i]))
-                    row.extend(buffer.pop(shortest)[:remaining])
-            rows.append(row)
-        rows = torch.tensor(rows, dtype=torch.long)
-        yield rows[:, :-1], rows[:, 1:], epoch
+from helpers import make_documents, reference_dataloader, write_shard
 
 
 def take(loader, n):

@@ -19,13 +19,11 @@ from datetime import datetime, timezone
 import pytest
 
 import analysis
+from helpers import git
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 BASELINE = [1.000000, 1.000200]  # the pair: noise floor 0.000141 on 1 df
 
-
-def git(repo, *args):
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
 
 class Night:

@@ -8,74 +8,16 @@ Retry waits are shortened through prepare.RETRY_WAIT; the product keeps 2 s, dou
     uv run pytest tests/test_download.py
 """
 
-import http.server
-import io
 import os
 import subprocess
 import sys
-import threading
-import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import prepare
-from conftest import ROOT, make_documents
+from helpers import PREFIX, ROOT, InlinePool, make_documents, parquet_bytes, ShardServer
 
-PREFIX = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
 PRODUCT_RETRY_WAIT = prepare.RETRY_WAIT  # as the product sets it, before any fixture shortens it
-
-
-def parquet_bytes(docs):
-    out = io.BytesIO()
-    pq.write_table(pa.table({"text": docs}), out)
-    return out.getvalue()
-
-
-class ShardServer:
-    """Serves {filename: bytes}, pausing `pause` seconds half-way through each body; `plan[filename]` lists
-    what the next requests get: 500, 404, 'ok', 'truncate' (the connection closes half-way through the
-    announced length) or 'corrupt' (half the file, sent whole)."""
-
-    def __init__(self, files, pause=0.0):
-        self.files, self.plan, self.requests, self.pause = files, {}, [], pause
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path[len(PREFIX):] if self.path.startswith(PREFIX) else None
-                server.requests.append(name)
-                action = server.plan.get(name, []).pop(0) if server.plan.get(name) else "ok"
-                if name not in server.files or action == 404:
-                    self.send_error(404)
-                elif action == 500:
-                    self.send_error(500)
-                else:
-                    body = server.files[name]
-                    if action == "corrupt":  # a whole response whose content is half a parquet file
-                        body = body[:len(body) // 2]
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
-                    if server.pause:  # half-way through: a slow network, for runs that overlap
-                        time.sleep(server.pause)
-                    if action != "truncate":
-                        self.wfile.write(body[len(body) // 2:])
-                    self.close_connection = action == "truncate"
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()  # shutdown in 20 ms
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -180,22 +122,6 @@ def test_cli_downloads_through_hf_endpoint_and_trains_the_tokenizer(tmp_path):
 
 
 # --- retry waits and the moment a shard gets its name --------------------------------------------------------
-
-class InlinePool:
-    """multiprocessing.Pool's part that download_data uses, run in this process so spies see the work."""
-    created = []
-
-    def __init__(self, processes):
-        InlinePool.created.append(processes)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items):
-        return [fn(item) for item in items]
 
 
 @pytest.fixture

@@ -13,31 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
 import train
-from conftest import judge_settings
-from test_dataloader import reference_dataloader
+from helpers import judge_settings, reference_dataloader, UniformModel
 
 B, T = 4, 64
-
-
-class UniformModel(nn.Module):
-    """Equal logits for every token: cross-entropy ln(V) at every position."""
-
-    def __init__(self, vocab_size, extra_loss_on=None):
-        super().__init__()
-        self.vocab_size, self.extra_loss_on = vocab_size, extra_loss_on
-        self.dummy = nn.Parameter(torch.zeros(1))  # evaluate_bpb reads the device from the parameters
-
-    def forward(self, x, y, reduction="mean"):
-        logits = torch.zeros(y.numel(), self.vocab_size) + self.dummy
-        loss = F.cross_entropy(logits, y.reshape(-1), reduction=reduction)
-        if self.extra_loss_on is not None:  # huge losses where the target is this token
-            loss = loss + 1000.0 * (y.reshape(-1) == self.extra_loss_on)
-        return loss
 
 
 class OracleModel(UniformModel):

@@ -1,4 +1,4 @@
-"""tests/gpu_check.py, the one command for whoever holds a GPU, on the CPU: what needs no GPU.
+"""tools/gpu_check.py, the one command for whoever holds a GPU, on the CPU: what needs no GPU.
 
 The plan (--dry-run, steps done and to run), a train.py log read into figures to the digit, the defaults step
 run for real on the tiny project (in a temporary copy: the project gets no judge.log or run.log), the 24 GB
@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import gpu_check
-from conftest import ROOT, TINY_PREPARE, make_project
+from tools import gpu_check
+from helpers import ROOT, TINY_PREPARE, make_project
 
 LOG = "".join([
     "Attention: PyTorch attention (SDPA; FlexAttention windows when compiled), because no CUDA device\n",
@@ -101,14 +101,14 @@ WITHOUT_PYTEST = """
 import sys
 sys.modules["pytest"] = None  # import pytest fails, as on a GPU machine with torch and nothing else
 sys.path.insert(0, sys.argv[1])
-import gpu_check
+from tools import gpu_check
 sys.exit(gpu_check.main(["--step", "attention", "--out", sys.argv[2]]))
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU branch")
 def test_the_attention_step_checks_and_times_each_backend_this_cpu_has_without_pytest(tmp_path):
-    result = subprocess.run([sys.executable, "-c", WITHOUT_PYTEST, os.path.join(ROOT, "tests"), str(tmp_path)],
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PYTEST, ROOT, str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "attention.json").read_text())

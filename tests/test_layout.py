@@ -13,7 +13,8 @@ import re
 import yaml
 
 import analysis
-from conftest import PROJECT_FILES, ROOT
+from tools import gpu_check
+from helpers import PROJECT_FILES, ROOT
 
 
 def source(name):
@@ -33,6 +34,7 @@ def top_level_names(name):
     return defined, imported
 
 
+FIXED_CODE = ["prepare.py", "machine.py", "files.py"]  # the Python files beside train.py that a night never changes
 MACHINE = {"memory_limit", "peak_memory", "address_space_limit", "keep_freed_memory", "bf16_slowdown",
            "fit_micro_batch", "synchronize", "reset_peak_memory", "cuda_peak_mb", "load_flash_attention_3",
            "pytorch_attention", "flash_attn_func", "prepare_attention"}
@@ -53,7 +55,9 @@ def test_every_list_of_the_projects_files_names_machine_py():
     assert analysis.AGENT_FILES == ["train.py"]  # the audit holds every other file fixed, machine.py included
     run = yaml.safe_load(source("sky.yaml"))["run"]
     copy = next(line for line in run.splitlines() if line.strip().startswith("cp "))
-    assert {"train.py", "prepare.py", "machine.py"} <= set(copy.split())
-    assert re.search(r'also_copy = \[[^\]]*"machine\.py"', source("pyproject.toml"))
-    assert "machine.py" in PROJECT_FILES
-    assert "`machine.py`: fixed too" in source("program.md")
+    assert {"train.py", *FIXED_CODE} <= set(copy.split())
+    for name in FIXED_CODE:
+        assert re.search(rf'(source_paths|also_copy) = \[[^\]]*"{name}"', source("pyproject.toml")), name  # mutmut
+        assert name in PROJECT_FILES and name in gpu_check.RUN_FILES
+        assert f"`{name}`" in source("program.md")  # named as fixed
+        assert f'"Edit(/{name})"' in source("night/claude-settings.json")  # and denied to the agent

@@ -12,20 +12,13 @@ fail is checked on a loss that is finite but above 100, and not on one just belo
 
 import gc
 import io
-import os
 import re
 import sys
-import time
-from types import SimpleNamespace
 
 import pytest
 
-import machine
-import prepare
 import train
-from conftest import judge_settings
-
-BUDGET, STEP_SECONDS = 3, 0.25
+from helpers import BUDGET, STEP_SECONDS, run_main, start_tiny_main, summary_values
 
 
 # --- schedules ---------------------------------------------------------------------------------------------
@@ -69,67 +62,6 @@ def hand_lr_multiplier(progress, warmup=0.2, warmdown=0.5, final=0.1):
     return final + (1 - final) * (1 - progress) / warmdown
 
 
-def in_memory_fit():
-    """Whether machine.fit_micro_batch's probe is on the call stack (its optimizer steps are undone)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_name != "probe":
-        frame = frame.f_back
-    return frame is not None
-
-
-def start_tiny_main(mp, cache, budget=BUDGET):
-    """train.main with the tiny constants, on the CPU, on a clock that only the forward passes move."""
-    mp.setattr(prepare, "DATA_DIR", cache.data_dir)
-    mp.setattr(prepare, "JUDGE_LOG", os.path.join(cache.dir, "judge.log"))  # module-scoped runs too: never the cwd
-    mp.setattr(prepare, "TOKENIZER_DIR", cache.tokenizer_dir)
-    mp.setattr(prepare, "TOKENS_DIR", os.path.join(cache.dir, "tokens"))  # the session's, as the real runs share it
-    judge_settings(mp, MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget)
-    for name, value in dict(MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget, DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32,
-                            DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64, WARMUP_RATIO=0.2,
-                            FINAL_LR_FRAC=0.1).items():
-        mp.setattr(train, name, value)
-    mp.setattr(train, "get_device", lambda: train.torch.device("cpu"))
-    mp.setattr(train, "flash_attn_func", machine.pytorch_attention)
-    clock = SimpleNamespace(now=1000.0, losses=None, optimizer_calls=[])
-    fake_time = SimpleNamespace(time=lambda: clock.now, perf_counter=time.perf_counter, sleep=time.sleep)
-    mp.setattr(train, "time", fake_time)
-    mp.setattr(machine, "time", fake_time)  # the memory fit times its probes
-    mp.setattr(prepare, "time", fake_time)  # and the judge its evaluation
-    forward = train.GPT.forward
-
-    def timed_forward(self, idx, targets=None, reduction="mean"):
-        clock.now += STEP_SECONDS / 2  # two micro-steps a step
-        loss = forward(self, idx, targets, reduction)
-        if clock.losses is not None and self.training and reduction == "mean":
-            loss = loss - loss.detach() + clock.losses  # the same gradients, a chosen (finite) value
-        return loss
-
-    mp.setattr(train.GPT, "forward", timed_forward)
-    step = train.MuonAdamW.step
-
-    def recording_step(self):
-        if not in_memory_fit():
-            clock.optimizer_calls.append([(g["kind"], g["lr"] / g["initial_lr"], g.get("momentum"), g["weight_decay"])
-                                          for g in self.param_groups])
-        return step(self)
-
-    mp.setattr(train.MuonAdamW, "step", recording_step)
-    return clock
-
-
-def run_main(capsys):
-    """train.main(): (exit status, stdout), with the collector restored (main freezes and disables it)."""
-    status = 0
-    try:
-        train.main()
-    except SystemExit as e:
-        status = e.code
-    finally:
-        gc.enable()
-        gc.unfreeze()
-    return status, capsys.readouterr().out
-
-
 @pytest.fixture(scope="module")
 def fake_clock_run(tiny_cache):
     """One whole run: (stdout, the scheduled values of every optimizer step)."""
@@ -154,10 +86,6 @@ def progress_lines(out):
     return [dict(step=int(m[0]), pct=float(m[1]), lrm=float(m[2]), dt=int(m[3]), remaining=int(m[4]))
             for m in re.findall(r"step (\d{5}) \(([\d.]+)%\) \| loss: [\d.]+ \| lrm: ([\d.]+) \| dt: (\d+)ms \| "
                                 r"tok/sec: [\d,]+ \| mfu: n/a \| epoch: \d+ \| remaining: (\d+)s", out)]
-
-
-def summary_values(out):
-    return dict(re.findall(r"^(\w+): +(\S+)$", out.rsplit("\n---\n", 1)[1], flags=re.M))
 
 
 def test_first_eleven_steps_are_not_counted_and_the_loop_stops_at_the_budget(fake_clock_run):

@@ -27,9 +27,7 @@ from torch._dynamo.testing import CompileCounter
 import machine
 import prepare
 import train
-from conftest import ROOT, TINY_PREPARE, judge_settings, make_project, set_constants
-from test_loop import in_memory_fit, run_main, start_tiny_main, summary_values
-from test_train_run import parse_summary, progress_lines
+from helpers import ROOT, TINY_PREPARE, in_memory_fit, judge_settings, make_project, parse_summary, progress_lines, run_main, set_constants, start_tiny_main, summary_values
 
 OUT_OF_MEMORY = {  # what each device raises when an allocation fails
     "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "

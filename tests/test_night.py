@@ -25,7 +25,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, code_lines
+from helpers import ROOT, code_lines
 
 NIGHT = os.path.join(ROOT, "night")
 HOOKS = os.path.join(NIGHT, "hooks.py")
@@ -180,7 +180,8 @@ def test_gits_hooks_refuse_what_the_guard_refuses(repo, tmp_path):
 def test_the_codex_loop_resumes_while_the_night_makes_progress(repo, tmp_path):
     """A stand-in codex: its first two turns each add a ledger row, the third adds none; the loop then ends."""
     shutil.copytree(NIGHT, repo / "night")
-    shutil.copy(os.path.join(ROOT, "analysis.py"), repo)  # the hooks read the list of what a night may change
+    for name in ("analysis.py", "files.py"):  # the hooks read the list of what a night may change
+        shutil.copy(os.path.join(ROOT, name), repo)
     (repo / "results.tsv").write_text(HEADER)
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()

@@ -29,8 +29,7 @@ import pytest
 import yaml
 
 import analysis
-from conftest import ROOT, TINY_PREPARE, code_lines, one_command, set_constants
-from test_download import ShardServer
+from helpers import ROOT, TINY_PREPARE, code_lines, git, one_command, set_constants, ShardServer
 
 with open(os.path.join(ROOT, "parallel.md")) as f:
     PROTOCOL = f.read()
@@ -122,9 +121,6 @@ def test_the_cli_check_can_fail(skypilot, tmp_path):
 
 
 # --- the task's setup and run, locally --------------------------------------------------------------------------
-
-def git(directory, *args):
-    return subprocess.run(["git", *args], cwd=directory, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def sh(command, cwd, env=None):

@@ -9,32 +9,11 @@ prints the summary block with the model those settings describe.
     uv run pytest tests/test_small_machines.py
 """
 
-import os
-import re
 
 import pytest
 
 import prepare
-from conftest import ROOT, make_project
-from test_train_run import parse_summary, progress_lines, run_train
-
-with open(os.path.join(ROOT, "README.md")) as f:
-    README = f.read()
-
-
-def settings(machine):
-    """{file: {NAME: value}} from the python block under '### On a <machine>'."""
-    section = re.search(rf"^### On a {machine}\n(.*?)(?=^#{{2,3}} )", README, flags=re.M | re.S)
-    assert section, f"README.md has no '### On a {machine}' section"
-    block = re.search(r"```python\n(.*?)```", section.group(1), flags=re.S).group(1)
-    out, current = {"prepare.py": {}, "train.py": {}}, None
-    for line in block.splitlines():
-        if line.startswith("# "):
-            current = line[2:].strip()
-        else:
-            name, value = (part.strip() for part in line.split("=", 1))
-            out[current][name] = value
-    return out
+from helpers import make_project, parse_summary, progress_lines, run_train, settings
 
 
 @pytest.mark.parametrize("machine", ["Mac with Apple silicon", "CPU"])

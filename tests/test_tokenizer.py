@@ -17,7 +17,7 @@ import rustbpe
 import torch
 
 import prepare
-from conftest import make_documents, write_shard
+from helpers import make_documents, write_shard
 
 
 def test_vocabulary_and_special_tokens(tokenizer):

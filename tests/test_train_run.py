@@ -13,58 +13,13 @@ fail on a NaN-producing edit, and the one-line start-up errors.
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import prepare
-from conftest import TINY_PREPARE, judge_settings, make_project, set_constants
-from test_evaluate import UniformModel
-
-SUMMARY = [  # key, value format; values start in column 19
-    ("val_bpb", r"\d+\.\d{6}"),
-    ("training_seconds", r"\d+\.\d"),
-    ("total_seconds", r"\d+\.\d"),
-    ("peak_vram_mb", r"\d+\.\d"),
-    ("mfu_percent", r"\d+\.\d{2}|n/a"),
-    ("total_tokens_M", r"\d+\.\d"),
-    ("num_steps", r"\d+"),
-    ("num_params_M", r"\d+\.\d"),
-    ("depth", r"\d+"),
-]
-
-
-def start_train(project, cache_dir):
-    """The agent's command, with stdout and stderr in run.log, started."""
-    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir))
-    return subprocess.Popen(f"{sys.executable} train.py > run.log 2>&1", shell=True, cwd=project, env=env)
-
-
-def finish_train(run, project, timeout=300):
-    """(exit status, log text) of a started run, once it ends."""
-    status = run.wait(timeout)
-    with open(os.path.join(project, "run.log"), newline="") as f:  # keep the \r of the progress line
-        return status, f.read()
-
-
-def run_train(project, cache_dir, timeout=300):
-    """The agent's command, with stdout and stderr in run.log; returns (exit status, log text)."""
-    return finish_train(start_train(project, cache_dir), project, timeout)
-
-
-def parse_summary(log):
-    """The block after the last '---' line: {key: value string}, asserting the exact layout."""
-    assert "\n---\n" in log, log[-2000:]
-    lines = log.rsplit("\n---\n", 1)[1].rstrip("\n").split("\n")
-    assert [line.split(":")[0] for line in lines] == [key for key, _ in SUMMARY]
-    values = {}
-    for line, (key, pattern) in zip(lines, SUMMARY):
-        assert line[:18] == f"{key}:".ljust(18), repr(line)
-        assert re.fullmatch(pattern, line[18:]), repr(line)
-        values[key] = line[18:]
-    return values
+from helpers import TINY_PREPARE, finish_train, judge_settings, make_project, parse_summary, progress_lines, \
+    set_constants, start_train, UniformModel
 
 
 def night_run(night, description):
@@ -90,12 +45,6 @@ def test_summary_block_keys_order_spacing_and_formats(baseline):
     if not torch.cuda.is_available():
         assert summary["peak_vram_mb"] == "0.0" and summary["mfu_percent"] == "n/a"
     assert float(summary["total_seconds"]) > float(summary["training_seconds"])
-
-
-def progress_lines(log):
-    """(step, percent done, dt in s, seconds remaining) of every progress line of a run."""
-    return [(int(step), float(pct), int(ms) / 1000, int(remaining)) for step, pct, ms, remaining in
-            re.findall(r"\rstep (\d{5}) \(([\d.]+)%\) \| .*? \| dt: (\d+)ms \| .*? \| remaining: (\d+)s", log)]
 
 
 def test_counted_steps_and_training_seconds_match_the_progress_lines(baseline):

@@ -1,7 +1,7 @@
 """Measurement: how much val_bpb moves between runs of the same commit on one machine (the noise).
 
-    uv run python tests/bench_noise.py                  # the README's CPU settings, 3 runs of the full budget
-    uv run python tests/bench_noise.py --defaults --runs 3   # the unmodified defaults (a GPU)
+    uv run python tools/bench_noise.py                  # the README's CPU settings, 3 runs of the full budget
+    uv run python tools/bench_noise.py --defaults --runs 3   # the unmodified defaults (a GPU)
 
 Runs train.py the agent's way (`python train.py > run.log 2>&1`) in a temporary copy of the project, one run
 after the other, on the prepared data (~/.cache/autoresearch or $AUTORESEARCH_CACHE_DIR), and prints each
@@ -17,10 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from conftest import make_project  # noqa: E402
-from test_small_machines import settings  # noqa: E402
+from helpers import make_project, settings  # noqa: E402
 
 
 def main():

@@ -1,9 +1,9 @@
 """Benchmark: the real dataloader against the plain reference, on the prepared data, same rows checked.
 
-    uv run python tests/bench_dataloader.py [--batches 40] [--batch-size 128] [--seq-len 2048] [--split train]
+    uv run python tools/bench_dataloader.py [--batches 40] [--batch-size 128] [--seq-len 2048] [--split train]
 
 Reads the cache that `uv run prepare.py` made (~/.cache/autoresearch, or $AUTORESEARCH_CACHE_DIR). Runs
-the reference (tests/test_dataloader.py: SPEC's steps, linear scan, tokenizing every slice), then the real
+the reference (tests/helpers.py: SPEC's steps, linear scan, tokenizing every slice), then the real
 loader twice with a fresh token cache in a temporary directory: cold (tokenizing and filling the cache, as
 the first run of a night does) and warm (as every later run does). Every batch must equal the reference's.
 Prints tokens/s for each and the ratios. Your real token cache is not touched.
@@ -17,11 +17,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+from helpers import reference_dataloader  # noqa: E402  (puts the project on sys.path)
 import prepare  # noqa: E402
-from test_dataloader import reference_dataloader  # noqa: E402
 
 
 def run(loader, batches, expected=None):

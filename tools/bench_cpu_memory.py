@@ -1,6 +1,6 @@
 """Benchmark: a CPU run with glibc's default allocator settings against train.py as shipped (freed memory kept).
 
-    uv run python tests/bench_cpu_memory.py [--depth 4] [--device-batch-size 8] [--total-batch-size 16384]
+    uv run python tools/bench_cpu_memory.py [--depth 4] [--device-batch-size 8] [--total-batch-size 16384]
                                             [--budget 20] [--eval-tokens 65536]
 
 Makes two copies of the project in a temporary directory with the constants edited down (an edited-down
@@ -19,9 +19,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from conftest import make_project  # noqa: E402
+from helpers import make_project  # noqa: E402
 
 
 def measure(project):

@@ -2,10 +2,10 @@
 under a 24 GB limit (a smaller card), and every attention backend this torch offers timed and checked; one
 markdown report with the GPU, driver and torch version.
 
-    python tests/gpu_check.py                  # every step not done yet, then the report (about 20 minutes)
-    python tests/gpu_check.py --step small     # one step, done again; steps: tests defaults small attention report
-    python tests/gpu_check.py --dry-run        # the plan, and which steps are done
-    python tests/gpu_check.py --out DIR        # where the figures go (default ./gpu-check, ignored by git)
+    python tools/gpu_check.py                  # every step not done yet, then the report (about 20 minutes)
+    python tools/gpu_check.py --step small     # one step, done again; steps: tests defaults small attention report
+    python tools/gpu_check.py --dry-run        # the plan, and which steps are done
+    python tools/gpu_check.py --out DIR        # where the figures go (default ./gpu-check, ignored by git)
 
 Plain `python` is enough (no uv): it runs train.py with the interpreter it runs under, so a machine with its
 own torch works as long as the project's imports are there (rustbpe may have to come as a wheel). It runs on
@@ -41,7 +41,7 @@ STEPS = {  # name: (what it does, minutes on an H100)
 SMALL_CARD = 24 * 2**30         # bytes: a 24 GB card (RTX 3090/4090, L4), emulated with a per-process memory fraction
 SMALL_BUDGET = 60               # seconds of training in the small step's copy: up to 4 graphs compile first
 STEP_TIMEOUT = 570              # seconds a run may take: each step fits in one 10-minute command
-RUN_FILES = ["train.py", "prepare.py", "machine.py"]
+RUN_FILES = ["train.py", "prepare.py", "machine.py", "files.py"]
 TEST_FILES = ["tests/test_attention.py"]  # the CUDA tests, and the fallback's equivalence on this torch
 TIMING_REPEATS = 10             # timed forward+backward passes per attention backend (after 3 warm-ups)
 CHECK_ATOL = 3e-2               # bf16 outputs and gradients against the float32 reference: |error| <= atol + rtol |ref|

@@ -1,8 +1,8 @@
 """Mutation testing with mutmut, scoped to what decides val_bpb: the model, the optimizer, the schedules,
 the loader and the metric (not the download, tokenizer training, device set-up or the loop's printing).
 
-    uv run --no-group sky --group mutation tests/mutation.py             # the whole scope: hours on 2 cores
-    uv run --no-group sky --group mutation tests/mutation.py optimizer   # one part: model, optimizer, schedules,
+    uv run --no-group sky --group mutation tools/mutation.py             # the whole scope: hours on 2 cores
+    uv run --no-group sky --group mutation tools/mutation.py optimizer   # one part: model, optimizer, schedules,
                                                                          # loader, metric
 
 mutmut copies the project into mutants/ (ignored by git), runs the in-process tests (listed under
@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 SCOPE = {  # module: functions and classes (every method) whose mutants are run
-    "model": {"train": ["norm", "has_ve", "apply_rotary_emb", "pytorch_attention", "sliding_window_block_mask",
-                        "CausalSelfAttention", "MLP", "Block", "GPT"]},
+    "model": {"train": ["norm", "has_ve", "apply_rotary_emb", "CausalSelfAttention", "MLP", "Block", "GPT"],
+              "machine": ["pytorch_attention", "sliding_window_block_mask"]},
     "optimizer": {"train": ["adamw_step", "muon_step", "MuonAdamW"]},
     "schedules": {"train": ["get_lr_multiplier", "get_muon_momentum", "get_weight_decay"]},
     "loader": {"prepare": ["DocumentBuffer", "make_dataloader", "token_batches", "shard_token_slices"]},

@@ -1,6 +1,6 @@
 """Measurement: the bits-per-byte denominator as the judge counts it, against the text's true bytes.
 
-    uv run python tests/bench_bpb_denominator.py [--budget 300]
+    uv run python tools/bench_bpb_denominator.py [--budget 300]
 
 The judge counts each target token's bytes as the UTF-8 length of the token decoded alone (the original's
 count, kept so results compare): a token holding part of a multi-byte character decodes to U+FFFD and counts
@@ -17,10 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from conftest import make_project  # noqa: E402
-from test_small_machines import settings  # noqa: E402
+from helpers import make_project, settings  # noqa: E402
 
 BOTH = """
 import runpy, torch, prepare

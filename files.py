@@ -1,0 +1,133 @@
+"""
+The files autoresearch writes, and how: the cache's files durably (never half-written under their final name),
+the temporary files of runs that died swept away, and judge.log, the judge's own record of every evaluation
+(written by prepare.py's evaluate_bpb, read by analysis.py's audit and --decide). Fixed like prepare.py.
+Standard library only, so that the morning report and the night's hooks start fast.
+"""
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+STALE_TEMPORARY = 3600          # seconds after which another machine's temporary file counts as abandoned
+JUDGE_LOG = "judge.log"         # evaluate_bpb appends a line per evaluation here, in the directory of the run
+JUDGE_SETTINGS = ["EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE"]  # prepare.py's, as the judge ran on them
+JUDGE_FIELDS = ["run", "elapsed", "training", "step_seconds", "training_claimed", "eval_seconds", *JUDGE_SETTINGS,
+                "device", "torch", "replaced"]  # judge.log's key=value fields, after time, sha256, val_bpb, tokens
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # judge.log's first field, in UTC
+
+# ---------------------------------------------------------------------------
+# Files in the cache: durable, and never half-written under their final name
+# ---------------------------------------------------------------------------
+
+def remove_quietly(*paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def temporary_name(path):
+    """path.<host>.<pid>.<thread>.tmp: unique to this writer, even with runs on other machines sharing the cache."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def write_durably(path, write, check=None):
+    """write(f) into a temporary file, flush and fsync it, check(temporary path) if given, then rename it to
+    path: a crash or power cut leaves the old state or the whole new file, never a part of one."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    try:  # the rename itself reaches the disk with the directory (POSIX only)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def writer_is_gone(name):
+    """Whether the run that wrote the temporary file `name` is gone: True or False for this machine's runs,
+    None for another machine's (its age decides)."""
+    try:
+        stem, pid, _thread, _ = name.rsplit(".", 3)
+        pid = int(pid)
+    except ValueError:
+        return True  # not one of ours, or an older format: nobody writes it any more
+    if stem.endswith("." + socket.gethostname()) and os.name == "posix":
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+    return None  # another machine's: judged by its age
+
+
+def sweep_temporary_files(directory):
+    """Remove the temporary files of runs that died (interrupted downloads, a killed run); never a live one's."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if not (name.endswith(".tmp") or name.endswith(".tmp.npz")):
+                continue
+            path = os.path.join(parent, name)
+            gone = writer_is_gone(name)
+            try:
+                if gone is None:
+                    gone = time.time() - os.path.getmtime(path) > STALE_TEMPORARY
+                if gone:
+                    os.remove(path)
+            except OSError:
+                pass  # removed by another run meanwhile
+
+# ---------------------------------------------------------------------------
+# judge.log: one tab-separated line per evaluation
+# ---------------------------------------------------------------------------
+
+def judge_line(sha256, val_bpb, tokens, fields):
+    """The line for one evaluation: time (UTC), sha256 of the script that ran, val_bpb as train.py prints it,
+    tokens scored, then every one of JUDGE_FIELDS as key=value."""
+    assert list(fields) == JUDGE_FIELDS, f"judge.log's fields are {JUDGE_FIELDS}, not {list(fields)}"
+    extra = "".join(f"\t{key}={value}" for key, value in fields.items())
+    return f"{datetime.now(timezone.utc).strftime(TIME_FORMAT)}\t{sha256}\t{val_bpb:.6f}\t{tokens}{extra}\n"
+
+
+@dataclass
+class JudgeRun:
+    line: int          # line number in judge.log
+    time: float        # when the judge wrote it (seconds since the epoch)
+    sha256: str        # of the train.py that ran
+    val_bpb: str       # 6 decimals, as train.py printed it
+    fields: dict       # the key=value fields (JUDGE_FIELDS); {} in the 4-field lines of an older prepare.py
+
+
+def read_judge_log(path):
+    """Every evaluation in judge.log, old 4-field lines included; lines that are not the judge's are skipped."""
+    runs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.rstrip("\r\n").split("\t")
+            try:
+                when = datetime.strptime(fields[0], TIME_FORMAT).replace(tzinfo=timezone.utc).timestamp()
+            except ValueError:
+                continue
+            if len(fields) >= 4:
+                extra = dict(field.split("=", 1) for field in fields[4:] if "=" in field)
+                runs.append(JudgeRun(number, when, fields[1], fields[2], extra))
+    return runs
