@@ -360,28 +360,50 @@ def kept_diff_signs(diff):
 
 def audit(rows, directory, branch=None):
     """One finding (text) per thing the ledger claims that did not happen, or that the rules forbid; notes for
-    weaker signs and for checks not made."""
-    findings, notes = [], []
+    weaker signs and for checks not made. Three parts: the files a night changed, the ratchet of keeps, and
+    the numbers against the judge's log."""
     if git(directory, "rev-parse", "--git-dir") is None:
-        return findings, [f"{directory} is not a git repository: the audit needs one"]
+        return [], [f"{directory} is not a git repository: the audit needs one"]
     branch, note = find_branch(rows, directory, branch)
-    notes += [note] if note else []
-    tip = git(directory, "rev-parse", "--verify", "--quiet", f"{branch}^{{commit}}")
-    full = {r.commit: git(directory, "rev-parse", "--verify", "--quiet", f"{r.commit}^{{commit}}") for r in rows}
-    for row in rows:
-        if full[row.commit] is None:
-            findings.append(f"line {row.line}: commit {row.commit} is not in the repository")
+    night = Night(rows, directory, branch)
+    findings = [f"line {row.line}: commit {row.commit} is not in the repository" for row in rows
+                if night.full[row.commit] is None]
+    notes = [note] if note else []
+    for part in (audit_files, audit_keeps, audit_numbers):
+        more, more_notes = part(night)
+        findings += more
+        notes += more_notes
+    return findings, notes
 
-    # only train.py changed: the branch against the baseline, each keep against its parent, and nothing untracked
-    baseline = next((r for r in rows if r.status != "crash" and full[r.commit]), None)
+
+@dataclass
+class Night:
+    """What the audit's parts share: the ledger's rows, the repository, the night's branch and its tip, each
+    row's full commit hash (None when git does not know it) and the baseline (the first finished row)."""
+    rows: list
+    directory: str
+    branch: str
+
+    def __post_init__(self):
+        self.tip = git(self.directory, "rev-parse", "--verify", "--quiet", f"{self.branch}^{{commit}}")
+        self.full = {r.commit: git(self.directory, "rev-parse", "--verify", "--quiet", f"{r.commit}^{{commit}}")
+                     for r in self.rows}
+        self.baseline = next((r for r in self.rows if r.status != "crash" and self.full[r.commit]), None)
+
+
+def audit_files(night):
+    """Only train.py changed: the branch against the baseline, each keep against its parent (and what its diff
+    adds), the working tree, and no untracked .py file beside train.py."""
+    findings, notes = [], []
+    directory, branch, full, baseline = night.directory, night.branch, night.full, night.baseline
     if baseline:
-        changed = git(directory, "diff", "--name-only", full[baseline.commit], tip) or ""
+        changed = git(directory, "diff", "--name-only", full[baseline.commit], night.tip) or ""
         for name in sorted(set(changed.split()) - set(AGENT_FILES)):
             findings.append(f"{name}: changed since the baseline ({baseline.commit}) in {branch}")
         if branch == git(directory, "symbolic-ref", "--quiet", "--short", "HEAD"):
             for name in sorted(set((git(directory, "diff", "--name-only", "HEAD") or "").split()) - set(AGENT_FILES)):
                 findings.append(f"{name}: changed in the working tree (not committed)")
-        kept = {r.commit: r for r in rows if r.status == "keep" and full[r.commit] and
+        kept = {r.commit: r for r in night.rows if r.status == "keep" and full[r.commit] and
                 full[r.commit] != full[baseline.commit]}
         for commit, row in kept.items():
             parent = f"{full[commit]}^"
@@ -395,39 +417,49 @@ def audit(rows, directory, branch=None):
     for name in sorted(n for n in os.listdir(directory) if n.endswith(".py") and n not in tracked):
         findings.append(f"{name}: a .py file beside train.py that git does not track (train.py can import it; "
                         f"no commit records it)")
+    return findings, notes
 
-    # the ratchet held, on means: keeps in the branch, the rest reset away, each keep better than the best before it
-    best = None
-    for exp in experiments(rows):
+
+def audit_keeps(night):
+    """The ratchet held, on means: keeps in the branch, the rest reset away, each keep better than the best
+    before it, and one decision per commit."""
+    findings, best = [], None
+    for exp in experiments(night.rows):
         row = exp.rows[0]
-        if full[exp.commit] is None:
+        if night.full[exp.commit] is None:
             continue
         statuses = sorted({r.status for r in exp.rows})
         if len(statuses) > 1:
             findings.append(f"lines {', '.join(str(r.line) for r in exp.rows)}: {exp.commit}'s rows say "
                             f"{' and '.join(statuses)}; a commit's rows carry its one decision")
-        in_branch = git(directory, "merge-base", "--is-ancestor", full[exp.commit], tip) is not None
+        in_branch = git(night.directory, "merge-base", "--is-ancestor", night.full[exp.commit], night.tip) is not None
         if exp.status == "keep" and not in_branch:
-            findings.append(f"line {row.line}: kept commit {exp.commit} is not in {branch} (reset away?)")
+            findings.append(f"line {row.line}: kept commit {exp.commit} is not in {night.branch} (reset away?)")
         if exp.status != "keep" and in_branch:
-            findings.append(f"line {row.line}: {exp.status} commit {exp.commit} is still in {branch} (not reset)")
+            findings.append(f"line {row.line}: {exp.status} commit {exp.commit} is still in {night.branch} (not reset)")
         if exp.status == "keep" and exp.runs:
             if best is not None and exp.mean >= best:
                 findings.append(f"line {row.line}: kept {exp.commit} at {exp.mean:.6f} (mean of {len(exp.runs)}) "
                                 f"does not beat the best kept before it, {best:.6f}")
             best = exp.mean if best is None else min(best, exp.mean)
+    return findings, []
 
-    # the numbers are the judge's: each finished row has a run of its own, run as the rules say
+
+def audit_numbers(night):
+    """The numbers are the judge's: each finished row has a run of its own in judge.log, this night, judged once,
+    with the baseline's settings, on one device, and evaluated soon enough after its training began."""
+    findings, notes = [], []
+    directory, rows, full, baseline = night.directory, night.rows, night.full, night.baseline
     judge_log = os.path.join(directory, JUDGE_LOG)
     finished = [r for r in rows if r.status != "crash" and full[r.commit]]
     if finished and not os.path.exists(judge_log):
         findings.append(f"{JUDGE_LOG}: missing beside the ledger, so no number can be checked "
                         f"(evaluate_bpb writes it in the directory train.py runs in)")
         return findings, notes
-    start = night_start(directory, branch)
+    start = night_start(directory, night.branch)
     runs = read_judge_log(judge_log) if finished else []
     if start is None and runs:
-        notes.append(f"git does not know when {branch} was made: runs of earlier nights in {JUDGE_LOG} may count")
+        notes.append(f"git does not know when {night.branch} was made: runs of earlier nights in {JUDGE_LOG} may count")
     runs = [run for run in runs if start is None or run.time >= start - 1]  # a night is its branch
     sha_of = {r.commit: train_sha256(directory, full[r.commit]) for r in finished}
     matched, unmatched = match_runs(finished, runs, sha_of)
@@ -440,24 +472,7 @@ def audit(rows, directory, branch=None):
         if not fields:
             continue
         devices.setdefault(fields.get("device"), []).append(row.line)
-        again = [other for other in runs if other.fields.get("run") == fields.get("run")]
-        if len(again) > 1:
-            findings.append(f"line {row.line}: {row.commit}'s run evaluated {len(again)} times ({JUDGE_LOG} lines "
-                            f"{', '.join(str(r.line) for r in again)}): a run is judged once")
-        other = {k: (fields.get(k), v) for k, v in expected.items() if fields.get(k) != v}
-        if other:
-            findings.append(f"line {row.line}: {row.commit} was judged with other settings than the baseline's "
-                            f"prepare.py: " + ", ".join(f"{k} {got} (not {want})" for k, (got, want) in other.items()))
-        if fields.get("replaced", "-") != "-":
-            findings.append(f"line {row.line}: {row.commit}'s run replaced the judge's {fields['replaced']} in prepare "
-                            f"(the judge put it back for the evaluation)")
-        if "-" not in (fields.get("training", "-"), fields.get("step_seconds", "-")):
-            budget = float(fields.get("TIME_BUDGET", expected.get("TIME_BUDGET", 300)))
-            allowed = TIME_SLACK * (budget + 12 * float(fields["step_seconds"])) + TIME_GRACE
-            if float(fields["training"]) > allowed:
-                findings.append(f"line {row.line}: {row.commit} was evaluated {float(fields['training']):.0f}s after its "
-                                f"training began; a {budget:.0f}s budget and its {float(fields['step_seconds']):.3f}s "
-                                f"steps allow about {allowed:.0f}s (trained past the budget?)")
+        findings += run_findings(row, fields, runs, expected)
     if len(devices) > 1:
         findings.append(f"{JUDGE_LOG}: the night ran on {len(devices)} devices, whose results do not compare: " +
                         "; ".join(f"{d} (lines {', '.join(map(str, ls))})" for d, ls in devices.items()))
@@ -466,6 +481,31 @@ def audit(rows, directory, branch=None):
         notes.append(f"{old} evaluation(s) logged by an older prepare.py: their run, timing, settings and device "
                      f"were not checked")
     return findings, notes
+
+
+def run_findings(row, fields, runs, expected):
+    """What the judge's line of one row's run shows: evaluated more than once, other settings than the
+    baseline's, the judge's code or settings replaced in prepare, trained past the budget."""
+    findings = []
+    again = [other for other in runs if other.fields.get("run") == fields.get("run")]
+    if len(again) > 1:
+        findings.append(f"line {row.line}: {row.commit}'s run evaluated {len(again)} times ({JUDGE_LOG} lines "
+                        f"{', '.join(str(r.line) for r in again)}): a run is judged once")
+    other = {k: (fields.get(k), v) for k, v in expected.items() if fields.get(k) != v}
+    if other:
+        findings.append(f"line {row.line}: {row.commit} was judged with other settings than the baseline's "
+                        f"prepare.py: " + ", ".join(f"{k} {got} (not {want})" for k, (got, want) in other.items()))
+    if fields.get("replaced", "-") != "-":
+        findings.append(f"line {row.line}: {row.commit}'s run replaced the judge's {fields['replaced']} in prepare "
+                        f"(the judge put it back for the evaluation)")
+    if "-" not in (fields.get("training", "-"), fields.get("step_seconds", "-")):
+        budget = float(fields.get("TIME_BUDGET", expected.get("TIME_BUDGET", 300)))
+        allowed = TIME_SLACK * (budget + 12 * float(fields["step_seconds"])) + TIME_GRACE
+        if float(fields["training"]) > allowed:
+            findings.append(f"line {row.line}: {row.commit} was evaluated {float(fields['training']):.0f}s after its "
+                            f"training began; a {budget:.0f}s budget and its {float(fields['step_seconds']):.3f}s "
+                            f"steps allow about {allowed:.0f}s (trained past the budget?)")
+    return findings
 
 
 def train_sha256(directory, commit):

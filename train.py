@@ -6,7 +6,7 @@ Everything in this file is fair game; prepare.py (data, tokenizer, evaluate_bpb)
 
 Trains for TIME_BUDGET seconds of wall clock (compilation excluded), then evaluates val_bpb and prints a
 summary block. Runs on CUDA, else MPS, else CPU; attention is Flash Attention 3 from the kernel hub when it
-loads, else PyTorch attention with the same windows.
+loads and runs here, else PyTorch attention with the same windows (machine.py picks it, as the run starts).
 """
 
 import os
@@ -502,7 +502,7 @@ def main():
     if expected_seconds > 2 * TIME_BUDGET:  # 11 uncounted steps, the budget, the evaluation (forward only)
         print(f"warning: this machine is slow for these settings: about {step_seconds:.1f}s per optimizer step, so this "
               f"run will take about {expected_seconds / 60:.1f} minutes for a {TIME_BUDGET / 60:.1f}-minute budget "
-              f"(see 'Small machines' in README.md)")
+              f"(see docs/small-machines.md)")
 
     print(f"Time budget: {TIME_BUDGET}s")
     print(f"Gradient accumulation steps: {grad_accum_steps}")

@@ -573,14 +573,15 @@ def summary_values(out):
 
 # --- the small machines' settings, as the docs give them ----------------------------------------------------
 
-with open(os.path.join(ROOT, "README.md")) as f:
-    README = f.read()
+SMALL_MACHINES = os.path.join(ROOT, "docs", "small-machines.md")
 
 
 def settings(machine):
-    """{file: {NAME: value}} from the python block under '### On a <machine>'."""
-    section = re.search(rf"^### On a {machine}\n(.*?)(?=^#{{2,3}} )", README, flags=re.M | re.S)
-    assert section, f"README.md has no '### On a {machine}' section"
+    """{file: {NAME: value}} from the python block under '## On a <machine>' in docs/small-machines.md."""
+    with open(SMALL_MACHINES) as f:
+        text = f.read()
+    section = re.search(rf"^## On a {machine}\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert section, f"{SMALL_MACHINES} has no '## On a {machine}' section"
     block = re.search(r"```python\n(.*?)```", section.group(1), flags=re.S).group(1)
     out, current = {"prepare.py": {}, "train.py": {}}, None
     for line in block.splitlines():

@@ -142,7 +142,7 @@ def test_the_judges_number_counts_not_one_typed_into_the_ledger(tonight):
 
 
 def test_a_named_commit_is_decided_where_head_is_elsewhere(tonight):
-    """parallel.md's worktrees: the experiment's commit is not HEAD."""
+    """parallel/program.md's worktrees: the experiment's commit is not HEAD."""
     commit = tonight.commit("# idea in a worktree")
     tonight.judged([0.900000])
     git(tonight.repo, "reset", "-q", "--hard", "HEAD~1")  # HEAD back at the tip, as in the agent's repository

@@ -43,14 +43,18 @@ def rotate(x, cos, sin):
 
 
 def windowed_attention(q, k, v, left):
-    """Query i attends to keys j with i - left <= j <= i; kv head h // (Hq / Hkv) serves query head h."""
+    """Query i attends to keys j with i - left <= j <= i; kv head h // (Hq / Hkv) serves query head h. One query
+    at a time, over the slice of keys it sees (tests/test_attention.py's reference masks a full score matrix)."""
     B, T, Hq, D = q.shape
     group = Hq // k.size(2)
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    scores = scores.masked_fill(~((j <= i) & (j >= i - left)), float("-inf"))
-    return torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v)
+    out = torch.empty_like(q)
+    for h in range(Hq):
+        for i in range(T):
+            first = max(0, i - left)
+            keys, values = k[:, first:i + 1, h // group], v[:, first:i + 1, h // group]  # (B, keys, D)
+            weights = torch.softmax((keys @ q[:, i, h, :, None]).squeeze(-1) / math.sqrt(D), dim=-1)  # (B, keys)
+            out[:, i, h] = (weights[:, :, None] * values).sum(dim=1)
+    return out
 
 
 def reference_forward(W, idx, n_layer, n_head, n_kv_head, pattern):

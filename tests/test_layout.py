@@ -1,7 +1,8 @@
 """Which file holds what: prepare.py is the benchmark (constants, data, tokenizer, loader, metric) and nothing
-about the machine; machine.py (the attention kernel, memory limits, CPU tuning, the memory fit) imports from it, never the reverse;
-and every list of the project's files names machine.py: sky.yaml's copy into the run directory, mutmut's copy,
-program.md's files to read (the audit holds every file but train.py fixed).
+about the machine; machine.py (the attention kernel, memory limits, CPU tuning, the memory fit) imports from it,
+never the reverse; train.py defines none of the machine's names. Every list of the project's files names each
+fixed Python file: the parallel task's copy into the run directory, mutmut's copy, the tests' project copies,
+the GPU check's, program.md, the night's deny rules (the audit holds every file but train.py fixed).
 
     uv run pytest tests/test_layout.py
 """
@@ -51,9 +52,9 @@ def test_prepare_holds_the_benchmark_and_machine_the_machine():
     assert {"is_out_of_memory", "release_memory", "evaluate_bpb"} <= prepare_defines  # what the judge itself needs
 
 
-def test_every_list_of_the_projects_files_names_machine_py():
+def test_every_list_of_the_projects_files_names_each_fixed_file():
     assert analysis.AGENT_FILES == ["train.py"]  # the audit holds every other file fixed, machine.py included
-    run = yaml.safe_load(source("sky.yaml"))["run"]
+    run = yaml.safe_load(source("parallel/sky.yaml"))["run"]
     copy = next(line for line in run.splitlines() if line.strip().startswith("cp "))
     assert {"train.py", *FIXED_CODE} <= set(copy.split())
     for name in FIXED_CODE:

@@ -191,7 +191,7 @@ def test_a_slow_machine_is_told_how_long_the_run_will_take(tiny_cache, capsys):
     # 2 micro-steps of 10 s a step; 11 uncounted steps, one budget step, evaluation 1/3 of a step: 12.33 steps
     assert status == 0
     assert ("warning: this machine is slow for these settings: about 20.0s per optimizer step, so this run will "
-            "take about 4.1 minutes for a 0.0-minute budget (see 'Small machines' in README.md)\n") in out
+            "take about 4.1 minutes for a 0.0-minute budget (see docs/small-machines.md)\n") in out
 
 
 def test_a_fast_machine_gets_no_warning(tiny_cache, capsys, monkeypatch):

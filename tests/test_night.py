@@ -7,7 +7,7 @@
   decisions and messages.
 - git's pre-commit and pre-push hooks, switched on through the environment as night/codex-night.sh does.
 - night/codex-night.sh with a stand-in `codex` that adds ledger rows: its calls, and where the loop ends.
-- Every command of program.md and parallel.md (code blocks and inline) is allowed by the Claude settings
+- Every command of program.md and parallel/program.md (code blocks and inline) is allowed by the Claude settings
   under the documented matching (`*` matches anything, compound commands split, redirect targets checked as
   edits), and none of a list of forbidden ones is.
 - The settings use only the documented keys, modes and rule syntax; nothing agent-specific sits at the root.
@@ -213,9 +213,9 @@ COMMAND_WORDS = {"git", "uv", "grep", "tail", "cat", "mkdir", "scp", "sky", "sha
 
 
 def protocol_commands():
-    """Every command program.md and parallel.md show, in code blocks or inline, placeholders filled in."""
+    """Every command program.md and parallel/program.md show, in code blocks or inline, placeholders filled in."""
     commands = set()
-    for name in ("program.md", "parallel.md"):
+    for name in ("program.md", "parallel/program.md"):
         with open(os.path.join(ROOT, name)) as f:
             text = f.read()
         inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
@@ -290,7 +290,7 @@ def command_allowed(command):
 def test_every_command_of_the_protocol_is_allowed():
     commands = protocol_commands()
     assert "uv run train.py > run.log 2>&1" in commands and "uv run analysis.py --decide" in commands
-    assert any(c.startswith("sky exec ar-nov23-1 sky.yaml") for c in commands) and len(commands) > 30
+    assert any(c.startswith("sky exec ar-nov23-1 parallel/sky.yaml") for c in commands) and len(commands) > 30
     assert [c for c in commands if not command_allowed(c)] == []
     assert edit_allowed("train.py") and edit_allowed("/home/you/worktrees/w1-2/train.py")  # the agent's edits
     assert edit_allowed("results.tsv")

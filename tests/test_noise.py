@@ -4,7 +4,7 @@ Each night is drawn with a per-run noise sigma: the baseline run twice, then exp
 no-ops (the same true val_bpb as the best) or real gains of 3 sigma over it. The rule sees only the runs, as
 a night would: its noise floor comes from its own pairs (the baseline's, then every re-run). Counted: the
 no-ops kept (the original's strict "lower than the best kept run" rule against this one), the real gains
-kept, and the re-runs it costs. Seeded, so the figures are exact; the README's table is what
+kept, and the re-runs it costs. Seeded, so the figures are exact; docs/noise.md's table is what
 
     uv run python tests/test_noise.py
 

@@ -1,14 +1,15 @@
-"""A parallel night through SkyPilot: sky.yaml (one experiment on one GPU) and parallel.md (the protocol).
+"""A parallel night through SkyPilot: parallel/sky.yaml (one experiment on one GPU) and parallel/program.md (the
+protocol).
 
 - sky.yaml is loaded and validated by SkyPilot's own parser (sky.Task.from_yaml), with no cloud access;
-- every `sky` command parallel.md names is parsed by the installed SkyPilot CLI's own definitions (what its
+- every `sky` command parallel/program.md names is parsed by the installed SkyPilot CLI's own definitions (what its
   --help prints): an unknown subcommand, flag or argument count fails;
 - sky.yaml's setup and run are executed locally with bash on the tiny project, the data served on loopback
   (a cluster without the network beyond it), and the output, prefixed as `sky logs` prefixes it, is read
-  with parallel.md's own commands into a ledger row, and the cluster's own judge.log is copied as it was
+  with parallel/program.md's own commands into a ledger row, and the cluster's own judge.log is copied as it was
   into the night's, which the morning audit accepts;
 - waves of results arriving out of order, decided with `--decide` (the baseline pair, re-runs, a keep
-  re-applied on the new best) give the ledger and branch parallel.md describes.
+  re-applied on the new best) give the ledger and branch parallel/program.md describes.
 
 SkyPilot is imported in a subprocess whose HOME is a temporary directory (it writes ~/.sky).
 
@@ -31,9 +32,9 @@ import yaml
 import analysis
 from helpers import ROOT, TINY_PREPARE, code_lines, git, one_command, set_constants, ShardServer
 
-with open(os.path.join(ROOT, "parallel.md")) as f:
+with open(os.path.join(ROOT, "parallel", "program.md")) as f:
     PROTOCOL = f.read()
-with open(os.path.join(ROOT, "sky.yaml")) as f:
+with open(os.path.join(ROOT, "parallel", "sky.yaml")) as f:
     TASK = yaml.safe_load(f)
 CODE = code_lines(PROTOCOL)
 INLINE = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", PROTOCOL, flags=re.S))
@@ -49,8 +50,8 @@ def fill(command, **values):
 
 
 def protocol_command(prefix):
-    """The one code line of parallel.md that starts with `prefix`."""
-    return one_command(CODE, prefix, "parallel.md")
+    """The one code line of parallel/program.md that starts with `prefix`."""
+    return one_command(CODE, prefix, "parallel/program.md")
 
 
 SKY_COMMANDS = sorted({c for c in CODE + INLINE if c.startswith("sky ")})
@@ -81,7 +82,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def skypilot(tmp_path_factory):
-    """What the installed SkyPilot makes of sky.yaml and of every sky command in parallel.md."""
+    """What the installed SkyPilot makes of sky.yaml and of every sky command in parallel/program.md."""
     return check_with_skypilot([fill(c) for c in SKY_COMMANDS], tmp_path_factory.mktemp("sky"))
 
 
@@ -91,8 +92,9 @@ def check_with_skypilot(commands, tmp):
     os.makedirs(tmp / fill("worktrees/<id>"))
     os.makedirs(repo)
     home.mkdir()
-    shutil.copy(os.path.join(ROOT, "sky.yaml"), repo)
-    result = subprocess.run([sys.executable, "-c", SKY_CHECK, "sky.yaml", json.dumps(commands)], cwd=repo,
+    os.makedirs(repo / "parallel")
+    shutil.copy(os.path.join(ROOT, "parallel", "sky.yaml"), repo / "parallel")
+    result = subprocess.run([sys.executable, "-c", SKY_CHECK, "parallel/sky.yaml", json.dumps(commands)], cwd=repo,
                             env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULT ", 1)[1])
@@ -114,8 +116,8 @@ def test_every_sky_command_of_the_protocol_is_accepted_by_the_cli(skypilot):
 
 def test_the_cli_check_can_fail(skypilot, tmp_path):
     """The check above is not vacuous: a flag SkyPilot does not have is refused."""
-    commands = ["sky exec c sky.yaml --no-such-flag", "sky teleport c", "sky queue --no-follow",
-                fill("sky exec c sky.yaml --workdir ../worktrees/<id>-missing")]
+    commands = ["sky exec c parallel/sky.yaml --no-such-flag", "sky teleport c", "sky queue --no-follow",
+                fill("sky exec c parallel/sky.yaml --workdir ../worktrees/<id>-missing")]
     verdicts = check_with_skypilot(commands, tmp_path)["commands"]
     assert all(v != "ok" for v in verdicts.values()), verdicts
 
@@ -134,7 +136,7 @@ def sh(command, cwd, env=None):
 @pytest.fixture
 def parallel_night(night, tmp_path):
     """The scripted night's project (conftest.py) on its next night, a parallel one: its main branch cloned, then
-    parallel.md's setup (branch autoresearch/nov23, the ledger's header)."""
+    parallel/program.md's setup (branch autoresearch/nov23, the ledger's header)."""
     agent, _, _ = night
     repo = str(tmp_path / "repo")
     git(tmp_path, "clone", "-q", "--branch", "main", agent.project, repo)
@@ -149,7 +151,7 @@ def parallel_night(night, tmp_path):
 
 
 def new_experiment(repo, id, base, edit=None, description=None):
-    """parallel.md's steps for one experiment: a worktree at base, the edit, a commit; (worktree, commit, sha)."""
+    """parallel/program.md's steps for one experiment: a worktree at base, the edit, a commit; (worktree, commit, sha)."""
     worktree = os.path.normpath(os.path.join(repo, fill("../worktrees/<id>", id=id)))
     sh(fill(protocol_command("git worktree add --detach ../worktrees/<id> <base>"), id=id, base=base), repo)
     if edit is not None:
@@ -240,7 +242,7 @@ def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(parallel_
 # --- a wave, results out of order -------------------------------------------------------------------------------
 
 def copy_judge_file(repo, id, cluster_home):
-    """parallel.md's copy of the cluster's judge.log into the night's, the cluster's SSH host being its HOME here."""
+    """parallel/program.md's copy of the cluster's judge.log into the night's, the cluster's SSH host being its HOME here."""
     for prefix in ("scp ", "cat logs/"):
         command = fill(protocol_command(prefix), id=id)
         sh(command.replace(fill("ar-<tag>-<i>:"), f"{cluster_home}/"), repo)
@@ -264,7 +266,7 @@ def record(repo, id, commit, sha, val_bpb, cluster_home):
 
 
 def decide(repo, commit):
-    """parallel.md's decision on one experiment's commit: the first word of analysis.py's one line."""
+    """parallel/program.md's decision on one experiment's commit: the first word of analysis.py's one line."""
     command = fill(protocol_command("uv run analysis.py --decide"), commit=commit)
     return sh(command.replace("uv run ", f"{sys.executable} ", 1), repo).split(":")[0]
 
@@ -300,7 +302,7 @@ def test_waves_arriving_out_of_order_keep_what_beats_the_noise(parallel_night, t
     # wave 2: the same two commits once more, in worktrees of their own; both confirm; the lower mean wins
     again = {"w2-1": ("w1-3", 0.9952), "w2-2": ("w1-4", 0.9898)}
     for id, (first, value) in again.items():
-        sh(f"git worktree add --detach ../worktrees/{id} {wave[first][1]}", repo)  # parallel.md's inline command
+        sh(f"git worktree add --detach ../worktrees/{id} {wave[first][1]}", repo)  # parallel/program.md's inline command
         results[id] = record(repo, id, wave[first][1], wave[first][2], value, home)
     assert {first: decide(repo, wave[first][1]) for first, _ in again.values()} == {"w1-3": "keep", "w1-4": "keep"}
     sh(fill(protocol_command("git merge --ff-only"), commit=wave["w1-4"][1]), repo)

@@ -1,6 +1,6 @@
-"""The README's settings for small machines, read out of the README so that they cannot rot.
+"""The settings for small machines, read out of docs/small-machines.md so that they cannot rot.
 
-Each "### On a ..." section of "Small machines" holds one python block of constants, marked `# prepare.py`
+Each "## On a ..." section there holds one python block of constants, marked `# prepare.py`
 and `# train.py`; they must all be assignments the files have. The CPU's settings are then run end to end,
 the agent's way, on the tiny corpus with the budget cut to the first counted step and the batch to 2 sequences
 (the model, sequence and window as written): the run completes, in float32 or bf16 as the CPU allows, and

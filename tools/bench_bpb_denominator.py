@@ -4,7 +4,7 @@
 
 The judge counts each target token's bytes as the UTF-8 length of the token decoded alone (the original's
 count, kept so results compare): a token holding part of a multi-byte character decodes to U+FFFD and counts
-3 bytes, not its 1 or 2. This runs train.py once with the README's CPU settings on the prepared data
+3 bytes, not its 1 or 2. This runs train.py once with the CPU settings of docs/small-machines.md on the prepared data
 (~/.cache/autoresearch or $AUTORESEARCH_CACHE_DIR), in a temporary copy of the project, and evaluates the
 trained model twice: val_bpb as the judge computes it, and with each token's true byte length. Prints both,
 the two byte totals of the validation tokens, and how far apart they are.
@@ -63,7 +63,7 @@ def main():
         sys.exit(f"the run in {project} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     judged, true, judged_bytes, true_bytes = float(found[1]), float(found[2]), int(found[3]), int(found[4])
     steps = re.search(r"^num_steps:\s+(\d+)", result.stdout, flags=re.M).group(1)
-    print(f"one run of the README's CPU settings, {args.budget} s budget, {steps} steps; validation tokens of "
+    print(f"one run of the CPU settings of docs/small-machines.md, {args.budget} s budget, {steps} steps; validation tokens of "
           f"{settings('CPU')['prepare.py']['EVAL_TOKENS']} targets")
     print(f"{'':24s} {'val_bpb':>9s} {'bytes':>12s}")
     print(f"{'as the judge counts':24s} {judged:9.6f} {judged_bytes:12,d}")

@@ -1,6 +1,6 @@
 """Measurement: how much val_bpb moves between runs of the same commit on one machine (the noise).
 
-    uv run python tools/bench_noise.py                  # the README's CPU settings, 3 runs of the full budget
+    uv run python tools/bench_noise.py                  # the CPU settings of docs/small-machines.md, 3 runs of the full budget
     uv run python tools/bench_noise.py --defaults --runs 3   # the unmodified defaults (a GPU)
 
 Runs train.py the agent's way (`python train.py > run.log 2>&1`) in a temporary copy of the project, one run

@@ -1,16 +1,16 @@
 """Mutation testing with mutmut, scoped to what decides val_bpb: the model, the optimizer, the schedules,
 the loader and the metric (not the download, tokenizer training, device set-up or the loop's printing).
 
-    uv run --no-group sky --group mutation tools/mutation.py             # the whole scope: hours on 2 cores
-    uv run --no-group sky --group mutation tools/mutation.py optimizer   # one part: model, optimizer, schedules,
+    uv run --group mutation tools/mutation.py             # the whole scope: hours on 2 cores
+    uv run --group mutation tools/mutation.py optimizer   # one part: model, optimizer, schedules,
                                                                          # loader, metric
 
 mutmut copies the project into mutants/ (ignored by git), runs the in-process tests (listed under
 [tool.mutmut] in pyproject.toml) once to learn which tests reach which function, then runs each mutant
 against those tests only; it remembers results, so a second run only
-redoes what changed. Afterwards `uv run --no-group sky --group mutation mutmut results` lists the survivors
+redoes what changed. Afterwards `uv run --group mutation mutmut results` lists the survivors
 and `... mutmut show NAME` shows one. Not part of CI: too slow for 2 cores. (mutmut and SkyPilot need
-different versions of click, hence --no-group sky; `uv sync` puts SkyPilot back.)
+different versions of click: the two groups never share an environment.)
 """
 
 import os
