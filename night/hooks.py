@@ -140,15 +140,20 @@ PUSH_REFUSED = "refused: git push is not part of the night; the branch stays on 
 def guard_git(words, cwd, added):
     """The refusal for one `git ...` command, or None; `added` collects what a `git add` earlier in the same
     command line will have staged by the time a commit runs."""
-    directory, i = cwd, 1
-    while i < len(words) and words[i].startswith("-"):  # git's own options: -C DIR, -c KEY=VALUE, --no-pager
+    directory, options, i = cwd, [], 1
+    while i < len(words) and words[i].startswith("-"):  # git's own options: -C DIR, and any other
         if words[i] in ("-C", "-c") and i + 1 < len(words):
             directory = os.path.join(directory, words[i + 1]) if words[i] == "-C" else directory
+            options += [] if words[i] == "-C" else words[i:i + 2]
             i += 2
         else:
+            options += [] if words[i] in ("--no-pager", "-P") else [words[i]]
             i += 1
-    if i >= len(words) or not on_a_night(directory):
+    if i >= len(words) or not (on_a_night(directory) or on_a_night(cwd)):
         return None
+    if options:  # -c core.hooksPath=..., --git-dir=...: what a rule's wildcard lets through, only the guard sees
+        return (f"refused: git's own options ({' '.join(options)}) are not part of the night; run git as "
+                f"program.md writes it")
     if words[i] == "push":
         return PUSH_REFUSED
     if words[i] == "add":

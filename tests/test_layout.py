@@ -61,4 +61,4 @@ def test_every_list_of_the_projects_files_names_each_fixed_file():
         assert re.search(rf'(source_paths|also_copy) = \[[^\]]*"{name}"', source("pyproject.toml")), name  # mutmut
         assert name in PROJECT_FILES and name in gpu_check.RUN_FILES
         assert f"`{name}`" in source("program.md")  # named as fixed
-        assert f'"Edit(/{name})"' in source("night/claude-settings.json")  # and denied to the agent
+        assert f'"Edit(./{name})"' in source("night/claude-settings.json")  # and denied to the agent

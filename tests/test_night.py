@@ -5,11 +5,14 @@
   (alone, in a compound command, in Codex's argument-list form); stop with no ledger, a header only, one
   result, no new row since the last send-back, a STOP file; malformed input and unknown events. Exact
   decisions and messages.
+- The guard refuses git's own options (-c, --git-dir, ...) slipped before a subcommand on a night.
 - git's pre-commit and pre-push hooks, switched on through the environment as night/codex-night.sh does.
-- night/codex-night.sh with a stand-in `codex` that adds ledger rows: its calls, and where the loop ends.
+- night/codex-night.sh with a stand-in `codex` that adds ledger rows: the flags every turn carries, and where
+  the loop ends (tests/test_agents.py runs it with the real Codex).
 - Every command of program.md and parallel/program.md (code blocks and inline) is allowed by the Claude settings
-  under the documented matching (`*` matches anything, compound commands split, redirect targets checked as
-  edits), and none of a list of forbidden ones is.
+  under Claude Code's matching as measured (`*` matches anything, compound commands split, a redirect target
+  checked as an edit, `./x` read from the directory Claude Code starts in and `/x` from the settings file's
+  folder), and none of a list of forbidden ones is (tests/test_agents.py runs the real Claude Code).
 - The settings use only the documented keys, modes and rule syntax; nothing agent-specific sits at the root.
 
     uv run pytest tests/test_night.py
@@ -34,6 +37,7 @@ with open(os.path.join(NIGHT, "claude-settings.json")) as f:
 REFUSED_PREPARE = ("refused: this commit would record prepare.py; a night changes only train.py (undo the rest "
                    "with `git checkout HEAD -- prepare.py`)\n")
 REFUSED_PUSH = "refused: git push is not part of the night; the branch stays on this machine (program.md)\n"
+REFUSED_OPTIONS = "refused: git's own options ({}) are not part of the night; run git as program.md writes it\n"
 
 
 def git(repo, *args, env=None):
@@ -83,6 +87,9 @@ def stop(repo, active=False):
     ("train.py", "git push origin autoresearch/t", REFUSED_PUSH),
     ("train.py", "uv run train.py > run.log 2>&1; git -C . push", REFUSED_PUSH),
     ("train.py", "uv run train.py > run.log 2>&1", ""),
+    ("train.py", 'git -c core.hooksPath=/dev/null commit -am "x"', REFUSED_OPTIONS.format("-c core.hooksPath=/dev/null")),
+    ("train.py", 'git -C . --git-dir=.git commit -am "x"', REFUSED_OPTIONS.format("--git-dir=.git")),
+    ("train.py", 'git --no-pager -C . log -1', ""),
 ])
 def test_the_guard_refuses_commits_of_other_files_and_pushes(repo, edit, command, refusal):
     name = edit.split()[0]
@@ -198,9 +205,10 @@ def test_the_codex_loop_resumes_while_the_night_makes_progress(repo, tmp_path):
     assert result.returncode == 0, result.stderr  # the loop ended: the Stop rule let the night stop
     turns = [line.split("|")[:-1] for line in calls.read_text().splitlines()]
     hooks_path = [line.split("|")[-1] for line in calls.read_text().splitlines()]
-    assert turns[0][:5] == ["exec", "--sandbox", "danger-full-access", "--ask-for-approval", "never"]
-    assert "the run tag is nov24" in turns[0][5] and "timeout_ms 900000" in turns[0][5]
-    assert turns[1:] == [["exec", "resume", "--last", KEEP_GOING["reason"]]] * 2
+    flags = ["exec", "--sandbox", "danger-full-access", "-c", "allow_login_shell=false"]  # on every turn: a resumed
+    assert turns[0][:5] == flags and len(turns[0]) == 6  # session keeps the conversation, not the sandbox
+    assert "the run tag is nov24" in turns[0][5] and "keep polling its session with write_stdin" in turns[0][5]
+    assert turns[1:] == [flags + ["resume", "--last", KEEP_GOING["reason"]]] * 2
     assert hooks_path == ["night/git-hooks"] * 3  # the guard rides along in git's own hooks
     assert "no new row in results.tsv since the agent was last sent back (2 rows)" in result.stderr
 
@@ -263,13 +271,20 @@ def rules(kind, tool):
 
 
 def edit_allowed(path):
-    """An edit of `path` under the Edit rules: `/...` rules for paths in the project, `//...` for absolute ones."""
-    absolute = path.startswith("/")
-    target = path if absolute else "/" + os.path.normpath(path)
+    """An edit of `path` (relative to the project, or absolute) under the Edit rules, as Claude Code reads them
+    for `claude --settings night/claude-settings.json` started in the project (measured with the real binary):
+    `//x` is absolute, `./x` and `x` relative to the project, `/x` relative to the settings file's folder."""
+    project = "/project"
+    target = path if path.startswith("/") else os.path.join(project, os.path.normpath(path))
+
     def matches(pattern):
-        if pattern.startswith("//") != absolute:
-            return False
-        return rule_regex(pattern[1:] if absolute else pattern, path=True).fullmatch(target)
+        if pattern.startswith("//"):
+            anchored = pattern[1:]
+        elif pattern.startswith("/"):
+            anchored = os.path.join(project, "night") + pattern
+        else:
+            anchored = os.path.join(project, pattern[2:] if pattern.startswith("./") else pattern)
+        return rule_regex(anchored, path=True).fullmatch(target)
     return any(matches(p) for p in rules("allow", "Edit")) and not any(matches(p) for p in rules("deny", "Edit"))
 
 
@@ -310,6 +325,12 @@ def test_forbidden_commands_are_not_allowed(command):
                                   "night/claude-settings.json", "/home/you/worktrees/w1-2/prepare.py"])
 def test_edits_of_the_other_files_are_denied(path):
     assert not edit_allowed(path)
+
+
+def test_no_rule_is_anchored_at_the_settings_folder():
+    """`Edit(/train.py)` in night/claude-settings.json means night/train.py: every loop edit was refused so."""
+    assert [r for kind in ("allow", "deny") for r in rules(kind, "Edit") if re.match(r"/[^/]", r)] == []
+    assert not edit_allowed("night/train.py") and edit_allowed("train.py")
 
 
 def test_the_matching_itself_can_fail():
