@@ -376,3 +376,13 @@ def test_nothing_applies_just_because_an_agent_opens_the_repository():
         assert not os.path.exists(os.path.join(ROOT, name)), name
     for name in ("codex-night.sh", "git-hooks/pre-commit", "git-hooks/pre-push"):  # run by path
         assert os.access(os.path.join(NIGHT, name), os.X_OK), name
+
+
+def test_the_hooks_import_nothing_heavy():
+    """Every shell command of a night runs the guard: its imports are the standard library's and the project's
+    own light modules, never torch or numpy (each takes seconds to import)."""
+    code = ("import runpy, sys\n"
+            "runpy.run_path('night/hooks.py', run_name='imported')  # its imports, not its main\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'pyarrow', 'matplotlib', 'prepare') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
