@@ -4,6 +4,7 @@ temporary directories, a fake CUDA driver, and one scripted night. Plain helpers
 Everything lives in pytest's tmp dirs; nothing touches ~/.cache/autoresearch or the network.
 """
 
+import json
 import os
 import shutil
 from types import SimpleNamespace
@@ -86,11 +87,23 @@ def fake_cuda(monkeypatch):
     return FakeCudaDriver().install(monkeypatch)
 
 
+NIGHT_CACHE = os.environ.get("AUTORESEARCH_NIGHT_CACHE")  # tools/mutation.py: one night for every mutant's run
+
+
 @pytest.fixture(scope="session")
 def night(tiny_cache, tmp_path_factory):
     """One scripted night, shared by the contract and the morning report: setup, the baseline run twice, a
     worse idea, a syntax error, a divergence, and a better idea committed with a typo (fixed by amending),
-    run again when told and kept. Tests that change the project work on a copy (copy_night)."""
+    run again when told and kept. Tests that change the project work on a copy (copy_night). Where
+    AUTORESEARCH_NIGHT_CACHE names a folder, the night is played once into it and copied from it afterwards."""
+    if NIGHT_CACHE and os.path.exists(os.path.join(NIGHT_CACHE, "night.json")):
+        project = str(tmp_path_factory.mktemp("agent") / "autoresearch")
+        shutil.copytree(os.path.join(NIGHT_CACHE, "autoresearch"), project)
+        with open(os.path.join(NIGHT_CACHE, "night.json")) as f:
+            saved = json.load(f)
+        agent = Agent(project, tiny_cache.dir)
+        agent.logs = [tuple(log) for log in saved["logs"]]
+        return agent, {name: tuple(run) for name, run in saved["runs"].items()}, saved["baseline"]
     # the night's baseline has lm_head's learning rate 5 times the default: the better idea, back to the default,
     # gains 0.02 to 0.04 on the tiny model (the more steps, the less), 10 times its noise, however busy the machine
     project = str(make_project(tmp_path_factory.mktemp("agent") / "autoresearch",
@@ -122,6 +135,15 @@ def night(tiny_cache, tmp_path_factory):
         "better": agent.experiment("UNEMBEDDING_LR 0.02 -> 0.004", better_with_a_typo,
                                    fix=lambda p: replace_in(p, "import gcc\n", "")),
     }
+    if NIGHT_CACHE:
+        saving = f"{NIGHT_CACHE}.{os.getpid()}"
+        shutil.copytree(project, os.path.join(saving, "autoresearch"))
+        with open(os.path.join(saving, "night.json"), "w") as f:
+            json.dump(dict(runs=runs, baseline=baseline_commit, logs=agent.logs), f)
+        if os.path.exists(NIGHT_CACHE):  # another process saved it meanwhile
+            shutil.rmtree(saving)
+        else:
+            os.replace(saving, NIGHT_CACHE)
     return agent, runs, baseline_commit
 
 

@@ -10,10 +10,10 @@ computed here from a printed t-table: t(0.999, 1 df) = 318.309, t(0.8, 2 df) = 1
     uv run pytest tests/test_decide.py
 """
 
+import contextlib
 import hashlib
+import io
 import math
-import subprocess
-import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -23,7 +23,6 @@ from helpers import git
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 BASELINE = [1.000000, 1.000200]  # the pair: noise floor 0.000141 on 1 df
-
 
 
 class Night:
@@ -63,10 +62,14 @@ class Night:
             f.writelines(f"{commit}\t{v:.6f}\t44.0\t{status}\t{description}\n" for v in values)
 
     def decide(self, *commit):
-        result = subprocess.run([sys.executable, analysis.__file__, str(self.repo / "results.tsv"), "--decide", *commit],
-                                capture_output=True, text=True, timeout=60)
-        assert "Traceback" not in result.stderr, result.stderr
-        return result.returncode, (result.stdout + result.stderr).strip()
+        """`uv run analysis.py --decide [COMMIT]`, in this process: (exit status, its one line)."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                status = analysis.main([str(self.repo / "results.tsv"), "--decide", *commit])
+            except SystemExit as e:
+                status = e.code
+        return status, out.getvalue().strip()
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@
     uv run pytest tests/test_night.py
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -25,10 +27,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import unittest.mock
 
 import pytest
 
 from helpers import ROOT, code_lines
+from night import hooks  # as the package path mutmut names it: night.hooks
 
 NIGHT = os.path.join(ROOT, "night")
 HOOKS = os.path.join(NIGHT, "hooks.py")
@@ -36,6 +40,9 @@ with open(os.path.join(NIGHT, "claude-settings.json")) as f:
     SETTINGS = json.load(f)
 REFUSED_PREPARE = ("refused: this commit would record prepare.py; a night changes only train.py (undo the rest "
                    "with `git checkout HEAD -- prepare.py`)\n")
+PYTHON_FIRST = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # git's hooks run `python3`: this one
+AS_A_SCRIPT = {k: v for k, v in os.environ.items() if k != "MUTANT_UNDER_TEST"}  # hooks.py run by path is __main__,
+                                                   # which mutmut's trampolines never mutate (nor can count)
 REFUSED_PUSH = "refused: git push is not part of the night; the branch stays on this machine (program.md)\n"
 REFUSED_OPTIONS = "refused: git's own options ({}) are not part of the night; run git as program.md writes it\n"
 
@@ -59,10 +66,21 @@ def repo(tmp_path):
 
 
 def hook(event, *args):
-    """night/hooks.py as an agent runs it: (exit status, stdout, stderr)."""
+    """night/hooks.py as an agent runs it, in this process (mutation testing maps tests to functions in-process):
+    (exit status, stdout, stderr). test_the_hook_runs_as_a_script runs it as the agents do, by path."""
     stdin = event if isinstance(event, str) else json.dumps(event)
-    result = subprocess.run([sys.executable, HOOKS, *args], input=stdin, capture_output=True, text=True, timeout=30)
-    return result.returncode, result.stdout, result.stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            unittest.mock.patch("sys.stdin", io.StringIO(stdin)):
+        status = hooks.main([HOOKS, *args])
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_the_hook_runs_as_a_script(repo):
+    """As Claude Code runs it: the event on stdin, the decision in the exit status and on stderr."""
+    result = subprocess.run([sys.executable, HOOKS], input=json.dumps(bash(repo, "git push")), capture_output=True,
+                            text=True, timeout=30, env=AS_A_SCRIPT)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", REFUSED_PUSH)
 
 
 def bash(repo, command):
@@ -79,6 +97,10 @@ def stop(repo, active=False):
 
 @pytest.mark.parametrize("edit,command,refusal", [
     ("prepare.py", 'git commit -am "a longer budget"', REFUSED_PREPARE),      # unstaged, taken by -a
+    ("prepare.py", 'git commit -a -m "a longer budget"', REFUSED_PREPARE),    # the flags written apart
+    ("prepare.py", 'git commit -m "a longer budget" -a', REFUSED_PREPARE),    # -a after the message
+    ("prepare.py", 'git commit --all -m "a longer budget"', REFUSED_PREPARE),
+    ("prepare.py", 'git commit -m "only the staged train.py"', ""),          # without -a: what is staged (nothing)
     ("prepare.py staged", 'git commit -m "a longer budget"', REFUSED_PREPARE),
     ("prepare.py", 'git add prepare.py && git commit -m "budget"', REFUSED_PREPARE),  # staged by the same line
     ("uv.lock", 'git commit -am "a newer torch"', REFUSED_PREPARE.replace("prepare.py", "uv.lock")),
@@ -156,6 +178,18 @@ def test_once_the_loop_runs_the_agent_is_sent_back_until_it_stops_making_progres
     assert status == 0 and json.loads(out) == KEEP_GOING
 
 
+def test_the_outer_loops_form_prints_the_instruction_while_the_night_goes_on(repo, monkeypatch):
+    """`python3 night/hooks.py keep-going` (night/codex-night.sh's loop), in this process: the instruction on
+    stdout and 0 while the agent must go on; nothing and 1 when it may stop, with the reason on stderr."""
+    monkeypatch.chdir(repo)
+    assert hook("", "keep-going") == (1, "", "")  # setup: no ledger
+    (repo / "results.tsv").write_text(HEADER)
+    add_row(repo, 1)
+    assert hook("", "keep-going") == (0, KEEP_GOING["reason"] + "\n", "")
+    assert hook("", "keep-going") == (1, "", "night hook: no new row in results.tsv since the agent was last sent "
+                                             "back (1 rows): letting it stop\n")
+
+
 def test_a_stop_file_ends_the_night(repo):
     (repo / "results.tsv").write_text(HEADER)
     add_row(repo, 1)
@@ -168,7 +202,7 @@ def test_a_stop_file_ends_the_night(repo):
 # --- git's own hooks, through the environment ---------------------------------------------------------------
 
 def test_gits_hooks_refuse_what_the_guard_refuses(repo, tmp_path):
-    env = dict(os.environ, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="core.hooksPath",
+    env = dict(AS_A_SCRIPT, PATH=PYTHON_FIRST, GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="core.hooksPath",
                GIT_CONFIG_VALUE_0=os.path.join(NIGHT, "git-hooks"), GIT_AUTHOR_NAME="a", GIT_AUTHOR_EMAIL="a@b",
                GIT_COMMITTER_NAME="a", GIT_COMMITTER_EMAIL="a@b")
     (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
@@ -180,6 +214,21 @@ def test_gits_hooks_refuse_what_the_guard_refuses(repo, tmp_path):
     git(tmp_path, "init", "-q", "--bare", "remote.git")
     result = git(repo, "push", "-q", str(tmp_path / "remote.git"), "autoresearch/t", env=env)
     assert result.returncode != 0 and REFUSED_PUSH in result.stderr
+
+
+def test_gits_hooks_decide_on_what_is_staged(repo, monkeypatch):
+    """pre-commit and pre-push as git runs them (in the worktree's top directory), in this process: what is staged
+    decides, the rest of the working tree does not; off a night's branch nothing is refused."""
+    monkeypatch.chdir(repo)
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    (repo / "train.py").write_text("DEPTH = 10\n")
+    git(repo, "add", "train.py")
+    assert hook("", "pre-commit") == (0, "", "")  # prepare.py changed, but not staged: not in this commit
+    git(repo, "add", "prepare.py")
+    assert hook("", "pre-commit") == (1, "", REFUSED_PREPARE)
+    assert hook("", "pre-push") == (1, "", REFUSED_PUSH)
+    git(repo, "checkout", "-q", "main")
+    assert hook("", "pre-commit") == (0, "", "") and hook("", "pre-push") == (0, "", "")
 
 
 # --- the Codex loop -----------------------------------------------------------------------------------------
@@ -201,7 +250,7 @@ def test_the_codex_loop_resumes_while_the_night_makes_progress(repo, tmp_path):
         """))
     (bin_dir / "codex").chmod(0o755)
     result = subprocess.run([os.path.join(NIGHT, "codex-night.sh"), "nov24"], cwd=repo, capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+                            text=True, timeout=120, env=dict(AS_A_SCRIPT, PATH=f"{bin_dir}:{PYTHON_FIRST}"))
     assert result.returncode == 0, result.stderr  # the loop ended: the Stop rule let the night stop
     turns = [line.split("|")[:-1] for line in calls.read_text().splitlines()]
     hooks_path = [line.split("|")[-1] for line in calls.read_text().splitlines()]
