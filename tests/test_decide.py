@@ -5,7 +5,8 @@ written with the sha256 of each commit's train.py, and HEAD (or a named commit) 
 checked for a clear keep, a discard, a rerun, a re-run that confirms and one that does not, the baseline's
 own pair, no judge line for HEAD (one line, exit status 2), a val_bpb typed into the ledger that differs
 from the judge's (the judge's counts), and runs of an earlier night (they never count). The margins are
-computed here from a printed t-table: t(0.999, 1 df) = 318.309, t(0.8, 2 df) = 1.061, t(0.8, 3 df) = 0.978.
+computed here from a printed t-table: t(0.999, 1 df) = 318.309, t(0.999, 3 df) = 10.2145, t(0.8, 2 df) = 1.061,
+t(0.8, 3 df) = 0.978. The best is the lowest mean of a kept commit, never its luckiest run; a tie is no gain.
 
     uv run pytest tests/test_decide.py
 """
@@ -162,3 +163,29 @@ def test_runs_of_an_earlier_night_never_count(tonight):
     assert status == 2 and line.startswith(f"error: no finished run of {commit}'s train.py")
     tonight.judged([0.999000])
     assert tonight.decide()[1].startswith(f"rerun: {commit} runs 0.999000 (mean 0.999000)")  # one run tonight, not two
+
+
+def test_the_best_is_a_mean_never_its_luckiest_run(tonight):
+    """Two kept commits that disagree: a has the lower mean (0.996100), b the luckiest run (0.994000, mean
+    0.996500). A new run of 0.995500 is lower than a's mean (a rerun), though not lower than b's luckiest run."""
+    tonight.logged("aaaaaaa", [0.996000, 0.996200], "keep", "a")
+    tonight.logged("bbbbbbb", [0.994000, 0.999000], "keep", "b, luckier once")
+    tonight.logged("ccccccc", [0.900000], "discard", "lower, but discarded")  # never the best, whatever it ran
+    tonight.logged("ddddddd", [0.000000], "crash", "a crash's 0.000000 is no run")
+    commit = tonight.commit("# idea")
+    tonight.judged([0.995500])
+    floor, df = pooled(BASELINE, [0.996000, 0.996200], [0.994000, 0.999000])
+    margin = {3: 10.2145}[df]  # t(0.999, 3 df), from a printed table
+    status, line = tonight.decide()
+    assert status == 0 and line == (
+        f"rerun: {commit} runs 0.995500 (mean 0.995500), best aaaaaaa runs 0.996000 0.996200 (mean 0.996100): gain "
+        f"+0.000600 < margin {margin * floor * math.sqrt(1 + 1 / 2):.6f} to keep at once; noise floor {floor:.6f} "
+        f"({df} df); run it again, then decide again")
+
+
+def test_a_run_equal_to_the_best_mean_is_not_lower(tonight):
+    commit = tonight.commit("# no change in effect")
+    tonight.judged([1.000100])  # the baseline's mean, to the digit
+    status, line = tonight.decide()
+    assert status == 0 and line.startswith(f"discard: {commit} runs 1.000100 (mean 1.000100), ")
+    assert "gain +0.000000: not lower than the best" in line or "gain -0.000000: not lower than the best" in line

@@ -123,6 +123,78 @@ def test_the_guard_refuses_commits_of_other_files_and_pushes(repo, edit, command
     assert hook(bash(repo, command)) == ((2, "", refusal) if refusal else (0, "", ""))
 
 
+@pytest.mark.parametrize("command,words", [
+    ('git commit -am "a b"; git push', [["git", "commit", "-am", "a b"], ["git", "push"]]),
+    ("a && b || c | d & e\nf", [["a"], ["b"], ["c"], ["d"], ["e"], ["f"]]),
+    ("uv run train.py > run.log 2>&1 &", [["uv", "run", "train.py", ">", "run.log", "2>&1"]]),  # >& is no split
+    ("x >&2; y &>log", [["x", ">&2"], ["y", "&>log"]]),
+    ('git commit -m "say \\"hi\\" \\\\ there"', [["git", "commit", "-m", 'say "hi" \\ there']]),  # escapes in "..."
+    ("git commit -m 'a \\ b'", [["git", "commit", "-m", "a \\ b"]]),  # none in '...'
+    ("git\\ commit a\\;b", [["git commit", "a;b"]]),  # a backslash outside quotes takes the next character
+    ('git commit -m ""', [["git", "commit", "-m", ""]]),  # an empty quoted word is a word
+    ('echo "a;b"\'c|d\'e', [["echo", "a;bc|de"]]),
+    ("  git\tpush\r ", [["git", "push"]]),
+    ("trailing\\", [["trailing\\"]]),
+])
+def test_command_lines_are_split_into_commands_and_words_as_a_shell_would(command, words):
+    assert hooks.split_commands(command) == words
+
+
+@pytest.mark.parametrize("options,paths", [
+    (["-am", "x"], ["prepare.py", "train.py"]), (["-a", "-m", "x"], ["prepare.py", "train.py"]),
+    (["--all", "-m", "x"], ["prepare.py", "train.py"]), (["-qam", "x"], ["prepare.py", "train.py"]),
+    (["-m", "x"], ["train.py"]),                                  # what is staged: train.py only
+    (["-m", "x", "prepare.py"], ["prepare.py"]),                  # the paths named
+    (["-m", "x", "--", "prepare.py"], ["prepare.py"]), (["--", "-m"], []),  # after --, paths only
+    (["-F", "msg.txt"], ["train.py"]), (["-c", "HEAD"], ["train.py"]), (["-C", "HEAD"], ["train.py"]),
+    (["--fixup", "HEAD"], ["train.py"]), (["-t", "tmpl"], ["train.py"]), (["-qm", "x"], ["train.py"]),
+    (["-S", "key"], ["train.py"]), (["--amend", "--no-edit"], ["train.py"]), (["-aF", "msg.txt"], ["prepare.py", "train.py"]),
+])
+def test_a_commit_records_what_its_options_say(repo, options, paths):
+    """The paths a `git commit` would record, option by option (the value of -m, -F, -c, -C, -t, -S, --fixup is
+    no path; -a in any cluster takes every tracked change; named paths, after -- too, replace the staged set)."""
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    (repo / "train.py").write_text("DEPTH = 10\n")
+    (repo / "msg.txt").write_text("x\n")
+    git(repo, "add", "train.py")
+    assert sorted(hooks.commit_changes(str(repo), options)) == paths
+
+
+def test_a_commit_of_several_fixed_files_names_each_and_how_to_undo_them(repo):
+    for name in ("prepare.py", "uv.lock"):
+        (repo / name).write_text("CHANGED\n")
+    assert hook(bash(repo, 'git commit -am "x"')) == (2, "", "refused: this commit would record prepare.py, uv.lock; a "
+                                                     "night changes only train.py (undo the rest with `git checkout "
+                                                     "HEAD -- prepare.py uv.lock`)\n")
+
+
+@pytest.mark.parametrize("command,refused", [
+    ("git add newfile.py && git commit -m x", True),       # an untracked file, added in the same line
+    ("git add -A && git commit -m x", True), ("git add . && git commit -m x", True),
+    ("git add --all && git commit -m x", True), ("git add -u && git commit -m x", False),  # -u: tracked files only
+    ("git add train.py && git commit -m x", False),        # only what the night may change
+    ("git add -- train.py && git commit -m x", False),
+    ("GIT_AUTHOR_NAME=x git commit -am y", False), ("GIT_AUTHOR_NAME=x EDITOR=true git add newfile.py; git commit -m y", True),
+])
+def test_what_git_add_stages_in_the_same_line_counts(repo, command, refused):
+    (repo / "train.py").write_text("DEPTH = 10\n")
+    (repo / "newfile.py").write_text("import prepare\n")
+    status, _, message = hook(bash(repo, command))
+    assert (status, message.startswith("refused: this commit would record newfile.py")) == ((2, True) if refused else (0, False))
+
+
+def test_a_worktree_of_the_night_is_guarded_through_git_c(repo, tmp_path):
+    """parallel/program.md's worktrees: detached, in a repository with a night's branch; `git -C` reaches them."""
+    worktree = tmp_path / "worktrees" / "w1"
+    git(repo, "worktree", "add", "-q", "--detach", str(worktree), "HEAD")
+    (worktree / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    assert hook(bash(repo, f'git -C {worktree} commit -qam "x"')) == (2, "", REFUSED_PREPARE)
+    assert hook(bash(worktree, 'git commit -qam "x"')) == (2, "", REFUSED_PREPARE)  # or run in it
+    git(repo, "checkout", "-q", "main")
+    git(repo, "branch", "-q", "-D", "autoresearch/t")  # no night left in the repository: nothing to guard
+    assert hook(bash(worktree, 'git commit -qam "x"')) == (0, "", "")
+
+
 def test_the_guard_reads_codex_commands_and_leaves_other_branches_alone(repo):
     codex = {"hook_event_name": "PreToolUse", "tool_name": "shell", "cwd": str(repo), "turn_id": "t",
              "tool_input": {"command": ["bash", "-lc", "git push"]}}
@@ -188,6 +260,30 @@ def test_the_outer_loops_form_prints_the_instruction_while_the_night_goes_on(rep
     assert hook("", "keep-going") == (0, KEEP_GOING["reason"] + "\n", "")
     assert hook("", "keep-going") == (1, "", "night hook: no new row in results.tsv since the agent was last sent "
                                              "back (1 rows): letting it stop\n")
+
+
+def test_off_a_night_the_agent_stops_as_it_likes(repo):
+    (repo / "results.tsv").write_text(HEADER)
+    add_row(repo, 1)
+    git(repo, "checkout", "-q", "main")  # a ledger, but not on a night's branch: someone working on the project
+    assert hook(stop(repo)) == (0, "", "")
+
+
+@pytest.mark.parametrize("saved", ["{not json", "[1, 2]", '{"autoresearch/t": 5}'])
+def test_the_count_lives_in_git_s_directory_and_survives_a_damaged_file(repo, saved):
+    """The rows at the last send-back are kept in .git (never in the working tree, where git would see a new
+    file); an unreadable or foreign file there counts as no send-back yet, except a real count for this night."""
+    (repo / "results.tsv").write_text(HEADER)
+    add_row(repo, 1)
+    state = repo / ".git" / hooks.STATE_FILE
+    state.write_text(saved)
+    status, out, err = hook(stop(repo))
+    if saved.startswith("{\""):  # 5 rows when last sent back, 1 now: no progress since
+        assert (status, out) == (0, "") and "no new row" in err
+    else:
+        assert (status, json.loads(out), err) == (0, KEEP_GOING, "")
+        assert json.loads(state.read_text()) == {"autoresearch/t": 1}
+    assert hooks.STATE_FILE not in os.listdir(repo)
 
 
 def test_a_stop_file_ends_the_night(repo):
