@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import math
+import os
 from datetime import datetime, timezone
 
 import pytest
@@ -31,6 +32,7 @@ class Night:
 
     def __init__(self, repo):
         self.repo = repo
+        repo.mkdir()
         git(repo, "init", "-q", "-b", "main")
         git(repo, "config", "user.name", "agent")
         git(repo, "config", "user.email", "agent@example.com")
@@ -63,20 +65,24 @@ class Night:
             f.writelines(f"{commit}\t{v:.6f}\t44.0\t{status}\t{description}\n" for v in values)
 
     def decide(self, *commit):
-        """`uv run analysis.py --decide [COMMIT]`, in this process: (exit status, its one line)."""
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
+        """`uv run analysis.py --decide [COMMIT]`, in this process and from a directory that is no repository
+        (the ledger's directory is the night's): (exit status, its one line)."""
+        out, here = io.StringIO(), os.getcwd()
+        os.chdir(self.repo.parent)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 status = analysis.main([str(self.repo / "results.tsv"), "--decide", *commit])
-            except SystemExit as e:
-                status = e.code
+        except SystemExit as e:
+            status = e.code
+        finally:
+            os.chdir(here)
         return status, out.getvalue().strip()
 
 
 @pytest.fixture
 def tonight(tmp_path):
     """A night with the baseline pair run and logged; nothing else yet."""
-    n = Night(tmp_path)
+    n = Night(tmp_path / "repo")
     n.judged(BASELINE)
     n.logged(n.baseline, BASELINE, "keep", "baseline")
     return n
@@ -99,7 +105,7 @@ def figures(n, commit, runs, margin_t):
 
 
 def test_the_baseline_is_run_twice_then_kept(tmp_path):
-    n = Night(tmp_path)
+    n = Night(tmp_path / "repo")
     n.judged(BASELINE[:1])
     assert n.decide() == (0, f"rerun: {n.baseline} runs 1.000000 (mean 1.000000): the baseline; run it again, the "
                              f"pair measures the night's noise")
@@ -189,3 +195,48 @@ def test_a_run_equal_to_the_best_mean_is_not_lower(tonight):
     status, line = tonight.decide()
     assert status == 0 and line.startswith(f"discard: {commit} runs 1.000100 (mean 1.000100), ")
     assert "gain +0.000000: not lower than the best" in line or "gain -0.000000: not lower than the best" in line
+
+
+def test_a_commit_that_is_not_there_is_one_line_and_exit_2(tonight):
+    assert tonight.decide("1234567") == (2, f"error: 1234567 is not a commit of {tonight.repo}")
+
+
+def test_without_a_judges_log_nothing_is_decided(tonight):
+    commit = tonight.commit("# idea")
+    (tonight.repo / "judge.log").unlink()
+    status, line = tonight.decide()
+    assert status == 2 and line.startswith(f"error: no finished run of {commit}'s train.py in judge.log tonight")
+
+
+def test_a_run_in_the_second_before_the_branch_counts_and_not_earlier(tonight):
+    """judge.log and git's reflog both count whole seconds: a run stamped one second before the night's branch
+    was made belongs to the night (the clocks' rounding), two seconds before does not."""
+    commit = tonight.commit("# idea")
+    made = int(git(tonight.repo, "reflog", "show", "--date=unix", "--format=%gd", "refs/heads/autoresearch/t",
+                   "--").splitlines()[-1].rsplit("@{", 1)[1].rstrip("}"))
+    stamp = lambda seconds: f"{datetime.fromtimestamp(seconds, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+    tonight.judged([0.999000], when=stamp(made - 2))
+    assert tonight.decide()[0] == 2
+    tonight.judged([0.999100], when=stamp(made - 1))
+    assert tonight.decide()[1].startswith(f"rerun: {commit} runs 0.999100 (mean 0.999100)")
+
+
+def test_with_no_pair_yet_the_floor_is_unknown_and_taken_as_the_least(tmp_path):
+    """A ledger whose baseline ran once (an older night's protocol): no commit has two runs, so the floor is
+    unknown, and the margins rest on MIN_NOISE (0.0001)."""
+    n = Night(tmp_path / "repo")
+    n.judged([1.000000])
+    n.logged(n.baseline, [1.000000], "keep", "baseline, run once")
+    commit = n.commit("# idea")
+    n.judged([0.999000])
+    margin = 318.309 * 0.0001 * math.sqrt(1 / 1 + 1 / 1)
+    assert n.decide() == (0, f"rerun: {commit} runs 0.999000 (mean 0.999000), best {n.baseline} runs 1.000000 (mean "
+                             f"1.000000): gain +0.001000 < margin {margin:.6f} to keep at once; noise floor unknown, "
+                             f"taken as 0.000100; run it again, then decide again")
+
+
+def test_a_confirmation_on_one_degree_of_freedom_uses_its_t():
+    """decide() on its own: two runs, a floor on 1 df: the confirming margin is t(0.8, 1 df) = 1.376 times the
+    floor times the standard error of the difference of the means."""
+    decision, gain, margin = analysis.decide([0.99, 0.99], [1.0, 1.0], 0.01, 1)
+    assert decision == "discard" and gain == pytest.approx(0.01) and margin == pytest.approx(1.3764 * 0.01, rel=1e-4)
