@@ -240,3 +240,11 @@ def test_a_confirmation_on_one_degree_of_freedom_uses_its_t():
     floor times the standard error of the difference of the means."""
     decision, gain, margin = analysis.decide([0.99, 0.99], [1.0, 1.0], 0.01, 1)
     assert decision == "discard" and gain == pytest.approx(0.01) and margin == pytest.approx(1.3764 * 0.01, rel=1e-4)
+
+
+def test_a_branch_named_with_decide_must_exist(tonight):
+    tonight.commit("# idea")
+    tonight.judged([0.999000])
+    status, line = tonight.decide("HEAD", "--branch", "autoresearch/nosuch")
+    assert status == (f"error: no branch 'autoresearch/nosuch' in {tonight.repo}; `git branch --list 'autoresearch/*'` "
+                      f"lists the nights")

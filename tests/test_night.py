@@ -135,6 +135,9 @@ def test_the_guard_refuses_commits_of_other_files_and_pushes(repo, edit, command
     ('echo "a;b"\'c|d\'e', [["echo", "a;bc|de"]]),
     ("  git\tpush\r ", [["git", "push"]]),
     ("trailing\\", [["trailing\\"]]),
+    ("a\\b \\;x", [["ab", ";x"]]),  # an escaped character ends no word, and may start one
+    ('echo "a\\', [["echo", "a\\"]]), ('echo "x\\y', [["echo", "xy"]]),  # unterminated: as far as it goes
+    ("echo X aXb", [["echo", "X", "aXb"]]),  # no other character quotes, splits words or ends a command
 ])
 def test_command_lines_are_split_into_commands_and_words_as_a_shell_would(command, words):
     assert hooks.split_commands(command) == words
@@ -149,6 +152,9 @@ def test_command_lines_are_split_into_commands_and_words_as_a_shell_would(comman
     (["-F", "msg.txt"], ["train.py"]), (["-c", "HEAD"], ["train.py"]), (["-C", "HEAD"], ["train.py"]),
     (["--fixup", "HEAD"], ["train.py"]), (["-t", "tmpl"], ["train.py"]), (["-qm", "x"], ["train.py"]),
     (["-S", "key"], ["train.py"]), (["--amend", "--no-edit"], ["train.py"]), (["-aF", "msg.txt"], ["prepare.py", "train.py"]),
+    (["--message", "x"], ["train.py"]), (["--date", "now"], ["train.py"]),  # long options with an a: not -a
+    (["-aS", "-m", "x"], ["prepare.py", "train.py"]),                # -a beside an upper-case option
+    (["-m", "x", "prepare.py", "--", "train.py"], ["prepare.py", "train.py"]),  # named before and after --
 ])
 def test_a_commit_records_what_its_options_say(repo, options, paths):
     """The paths a `git commit` would record, option by option (the value of -m, -F, -c, -C, -t, -S, --fixup is
@@ -158,6 +164,12 @@ def test_a_commit_records_what_its_options_say(repo, options, paths):
     (repo / "msg.txt").write_text("x\n")
     git(repo, "add", "train.py")
     assert sorted(hooks.commit_changes(str(repo), options)) == paths
+
+
+def test_a_named_path_counts_against_the_last_commit_even_when_staged(repo):
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    git(repo, "add", "prepare.py")
+    assert hook(bash(repo, 'git commit -m "x" prepare.py')) == (2, "", REFUSED_PREPARE)
 
 
 def test_a_commit_of_several_fixed_files_names_each_and_how_to_undo_them(repo):
@@ -175,6 +187,7 @@ def test_a_commit_of_several_fixed_files_names_each_and_how_to_undo_them(repo):
     ("git add train.py && git commit -m x", False),        # only what the night may change
     ("git add -- train.py && git commit -m x", False),
     ("GIT_AUTHOR_NAME=x git commit -am y", False), ("GIT_AUTHOR_NAME=x EDITOR=true git add newfile.py; git commit -m y", True),
+    ("lower_case=1 git add newfile.py && git commit -m x", True),
 ])
 def test_what_git_add_stages_in_the_same_line_counts(repo, command, refused):
     (repo / "train.py").write_text("DEPTH = 10\n")
@@ -203,6 +216,18 @@ def test_the_guard_reads_codex_commands_and_leaves_other_branches_alone(repo):
     git(repo, "checkout", "-q", "main")  # not a night: someone working on the project
     assert hook(bash(repo, 'git commit -am "budget"')) == (0, "", "")
     assert hook(bash(repo, "git push")) == (0, "", "")
+
+
+@pytest.mark.parametrize("command", ["GIT_DIR=x git push", "a=1 git push", "GIT_AUTHOR_NAME=x EDITOR=true git push"])
+def test_variables_before_a_command_do_not_hide_it(repo, command):
+    assert hook(bash(repo, command)) == (2, "", REFUSED_PUSH)
+
+
+@pytest.mark.parametrize("command", ["FOO=bar", [], ""])
+def test_a_command_line_with_no_command_is_allowed(repo, command):
+    """Only variables, an empty line, Codex's empty argument list: nothing to guard, and no error."""
+    event = dict(bash(repo, "x"), tool_input={"command": command})
+    assert hook(event) == (0, "", "")
 
 
 @pytest.mark.parametrize("stdin,note", [
