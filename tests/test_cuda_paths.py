@@ -13,6 +13,7 @@ pinned copies, to_empty on the GPU) is left to the GPU check (DEVELOPERS.md).
     uv run pytest tests/test_cuda_paths.py
 """
 
+import re
 import socket
 import sys
 import weakref
@@ -20,6 +21,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 import machine
 import prepare
@@ -149,6 +151,62 @@ def test_when_nothing_fits_on_cuda_one_line_names_the_gpus_share(fake_cuda, toke
         fit_on_cuda(fake_cuda, tokenizer, monkeypatch, fits_up_to=0)
     assert str(exiting.value) == ("error: not even a micro-batch of 1 sequence of 64 tokens fits in 42.9 GB; "
                                   "make the model smaller (DEPTH, ASPECT_RATIO) and run again")
+
+class TinyLM(torch.nn.Module):
+    """A model of its own (train.py's GPT is mutmut's to rewrite, and torch.compile cannot trace that): an
+    embedding and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(8192, 16), torch.nn.Linear(16, 8192)
+
+    def forward(self, x, y):
+        return torch.nn.functional.cross_entropy(self.head(self.embed(x)).flatten(0, 1), y.flatten())
+
+
+class RunsOutAfterCompiling(torch.optim.SGD):
+    """An optimizer whose first `fails` steps run out of memory as CUDA does: after the probe's graph compiled."""
+
+    def __init__(self, params, fails):
+        super().__init__(params, lr=0.1)
+        self.fails = fails
+
+    def step(self, closure=None):
+        if self.fails:
+            self.fails -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return super().step(closure)
+
+
+def test_a_compiled_model_keeps_every_size_compiled_and_the_fit_says_so(fake_cuda, tokenizer, monkeypatch, capsys):
+    """Each size probed is a graph (dynamic=False); with torch's limit at 2 the fit raises it to its 3 sizes plus
+    the evaluation's graphs, so that neither training nor the evaluation would fall back to running eagerly."""
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2):
+            model = torch.compile(TinyLM(), backend=counter, dynamic=False)
+            b, _ = machine.fit_micro_batch(model, RunsOutAfterCompiling(model.parameters(), fails=2), tokenizer,
+                                           CUDA, torch.autocast("cpu", enabled=False), 4, 64, 4 * 64)
+            limit = torch._dynamo.config.recompile_limit
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out.splitlines()
+    assert b == 1 and counter.frame_count == 3 and limit == 3 + machine.EVALUATION_GRAPHS == 5
+    assert out[0] == "DEVICE_BATCH_SIZE 4 does not fit in 85.9 GB: using 1, 4 accumulation steps"
+    assert re.fullmatch(r"Memory fit: micro-batch 1, 3 sizes probed in [\d.]+s, 3 compiled graphs \(recompile limit 5\)",
+                        out[1]), out[1]
+
+
+def test_an_uncompiled_model_leaves_the_limit_and_says_nothing_of_graphs(fake_cuda, tokenizer, monkeypatch, capsys):
+    model = TinyLM()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        b, _ = machine.fit_micro_batch(model, RunsOutAfterCompiling(model.parameters(), fails=0), tokenizer,
+                                       CUDA, torch.autocast("cpu", enabled=False), 4, 64, 4 * 64)
+        assert torch._dynamo.config.recompile_limit == 2
+    out = capsys.readouterr().out.splitlines()
+    assert b == 4 and re.fullmatch(r"Memory fit: micro-batch 4, 1 size probed in [\d.]+s", out[0]), out
+
 
 # --- the hub's Flash Attention 3: loaded only when it runs forward and backward, compiled too ---------------
 
