@@ -353,6 +353,14 @@ def plant(project, what):
         lines.append(f"{commit}\t0.500000\t0.0\tkeep\tlog it")
     elif what == "evaluated long after the budget":
         set_judge_field(project, 0, training="3600.0", step_seconds="0.250")  # what the judge's clock measured
+    elif what == "evaluated twice":
+        run = dict(f.split("=", 1) for f in (project / "judge.log").read_text().splitlines()[0].split("\t")[4:])["run"]
+        set_judge_field(project, 1, run=run)  # the baseline's second line claims the first run's id
+    elif what == "judge's code replaced":
+        set_judge_field(project, 2, replaced="EVAL_TOKENS,make_dataloader")
+    elif what == "kept diff assigning into prepare":
+        commit = commit_edit(project, "fewer tokens", train="\nimport prepare\nprepare.EVAL_TOKENS = 2 * 64\n")
+        lines.append(f"{commit}\t0.500000\t0.0\tkeep\tfewer tokens")
     elif what == "two devices":
         set_judge_field(project, 2, device="NVIDIA H100 80GB HBM3")
     elif what == "other settings":
@@ -378,6 +386,11 @@ def plant(project, what):
                                         "and its 0.250s steps allow about 65s (trained past the budget?)"),  # 1.25 * (1 + 12 * 0.25) + 60
     ("two devices", "judge.log: the night ran on 2 devices, whose results do not compare: cpu (lines 2, 3, 7, 8); "
                     "NVIDIA H100 80GB HBM3 (lines 4)"),
+    ("evaluated twice", "line 2: {baseline}'s run evaluated 2 times (judge.log lines 1, 2): a run is judged once"),
+    ("evaluated twice", "line 3: {baseline}'s run evaluated 2 times (judge.log lines 1, 2): a run is judged once"),
+    ("judge's code replaced", "line 4: {worse}'s run replaced the judge's EVAL_TOKENS,make_dataloader in prepare (the "
+                              "judge put it back for the evaluation)"),
+    ("kept diff assigning into prepare", "line 9: kept {new} assigns into prepare: prepare.EVAL_TOKENS = 2 * 64"),
     ("other settings", "line 4: {worse} was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128 "
                        "(not 2048)"),
 ])
