@@ -138,6 +138,7 @@ def test_the_guard_refuses_commits_of_other_files_and_pushes(repo, edit, command
     ("a\\b \\;x", [["ab", ";x"]]),  # an escaped character ends no word, and may start one
     ('echo "a\\', [["echo", "a\\"]]), ('echo "x\\y', [["echo", "xy"]]),  # unterminated: as far as it goes
     ("echo X aXb", [["echo", "X", "aXb"]]),  # no other character quotes, splits words or ends a command
+    ("echo a\\b", [["echo", "ab"]]),  # an escape just before the end
 ])
 def test_command_lines_are_split_into_commands_and_words_as_a_shell_would(command, words):
     assert hooks.split_commands(command) == words
@@ -155,6 +156,7 @@ def test_command_lines_are_split_into_commands_and_words_as_a_shell_would(comman
     (["--message", "x"], ["train.py"]), (["--date", "now"], ["train.py"]),  # long options with an a: not -a
     (["-aS", "-m", "x"], ["prepare.py", "train.py"]),                # -a beside an upper-case option
     (["-m", "x", "prepare.py", "--", "train.py"], ["prepare.py", "train.py"]),  # named before and after --
+    (["-m", "prepare.py", "--", "train.py"], ["train.py"]),            # a message that looks like a path
 ])
 def test_a_commit_records_what_its_options_say(repo, options, paths):
     """The paths a `git commit` would record, option by option (the value of -m, -F, -c, -C, -t, -S, --fixup is
