@@ -23,6 +23,10 @@ from prepare import is_out_of_memory, make_dataloader, note_training_start, rele
 
 COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # CUDA's compiler is Triton
 HUB_TIMEOUT = 3                 # seconds to reach the kernel hub before its kernel is taken from the local cache
+MEMINFO = "/proc/meminfo"       # the CPU's memory: MemAvailable
+STATUS = "/proc/self/status"    # this process's: VmRSS, VmSize, VmHWM, VmPeak
+CGROUP_MEMORY = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # (limit, usage): cgroup v2, v1
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")]
 
 # ---------------------------------------------------------------------------
 # Attention kernel: Flash Attention 3 from the kernel hub, else PyTorch attention with the same windows
@@ -153,12 +157,11 @@ def memory_limit(device):
         return torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
     if device.type == "mps":
         return torch.mps.recommended_max_memory()
-    available = _proc_bytes("/proc/meminfo", "MemAvailable")
-    rss, size = _proc_bytes("/proc/self/status", "VmRSS"), _proc_bytes("/proc/self/status", "VmSize")
+    available = _proc_bytes(MEMINFO, "MemAvailable")
+    rss, size = _proc_bytes(STATUS, "VmRSS"), _proc_bytes(STATUS, "VmSize")
     if None in (available, rss, size):
         return None
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_path, usage_path in CGROUP_MEMORY:
         try:
             with open(limit_path) as f, open(usage_path) as g:
                 available = min(available, int(f.read()) - int(g.read()))  # "max" (no limit) is a ValueError
@@ -178,7 +181,7 @@ def peak_memory(device):
         return torch.cuda.max_memory_allocated(device)
     if device.type == "mps":
         return torch.mps.driver_allocated_memory()
-    return _proc_bytes("/proc/self/status", "VmHWM" if address_space_limit() is None else "VmPeak")
+    return _proc_bytes(STATUS, "VmHWM" if address_space_limit() is None else "VmPeak")
 
 
 def reset_peak_memory(device):

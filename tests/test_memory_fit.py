@@ -356,6 +356,79 @@ def test_evaluate_bpb_raises_what_halving_cannot_help(tokenizer, random_gpt, mon
     assert seen == tried
 
 
+# --- what the CPU may take: /proc and the cgroup's files, written here -----------------------------------------
+
+GiB = 2**30
+
+
+@pytest.fixture
+def proc(tmp_path, monkeypatch):
+    """machine.py reading /proc and cgroup files of this test's own: write(meminfo kB, status {key: kB},
+    cgroups [(limit text, usage text) or None for v2, v1])."""
+    def write(available_kb=None, status=None, cgroups=(None, None)):
+        meminfo, stat = tmp_path / "meminfo", tmp_path / "status"
+        if available_kb is not None:
+            meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {available_kb} kB\nCached: 1 kB\n")
+        stat.write_text("Name:\tpython\n" + "".join(f"{k}:\t{v} kB\n" for k, v in (status or {}).items()))
+        files = []
+        for version, pair in zip(("v2", "v1"), cgroups):
+            limit, usage = tmp_path / f"{version}-limit", tmp_path / f"{version}-usage"
+            if pair is not None:
+                limit.write_text(pair[0] + "\n")
+                usage.write_text(pair[1] + "\n")
+            files.append((str(limit), str(usage)))
+        monkeypatch.setattr(machine, "MEMINFO", str(meminfo))
+        monkeypatch.setattr(machine, "STATUS", str(stat))
+        monkeypatch.setattr(machine, "CGROUP_MEMORY", files)
+    return write
+
+
+CPU = torch.device("cpu")
+STATUS = dict(VmPeak=9_000_000, VmSize=8_000_000, VmHWM=3_000_000, VmRSS=2_000_000)  # kB
+
+
+@pytest.mark.parametrize("cgroups,limit", [
+    ((None, None), (2_000_000 + 10_000_000) * 1024),                        # no cgroup: RSS + MemAvailable
+    (((str(8 * GiB), str(7 * GiB)), None), 2_000_000 * 1024 + GiB),        # v2: 1 GiB left under its limit
+    ((("max", str(7 * GiB)), (str(4 * GiB), str(GiB))), 2_000_000 * 1024 + 3 * GiB),  # v2 unlimited: v1's room
+    ((None, (str(4 * GiB), str(GiB))), 2_000_000 * 1024 + 3 * GiB),        # v1 only
+    (((str(64 * GiB), str(GiB)), None), (2_000_000 + 10_000_000) * 1024),  # more room than MemAvailable
+    (((str(GiB), str(2 * GiB)), None), 2_000_000 * 1024),                  # over its limit already: nothing more
+])
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY, reason="an address-space limit")
+def test_the_cpus_limit_is_what_the_process_holds_and_what_the_machine_can_still_give(proc, cgroups, limit):
+    proc(10_000_000, STATUS, cgroups)
+    assert machine.memory_limit(CPU) == limit
+    assert machine.peak_memory(CPU) == 3_000_000 * 1024  # the peak resident set
+
+
+def test_where_proc_says_nothing_there_is_no_limit(proc):
+    proc(None, STATUS)  # no MemAvailable (no /proc/meminfo: not Linux)
+    assert machine.memory_limit(CPU) is None
+    proc(10_000_000, dict(VmRSS=1, VmHWM=1))  # no VmSize
+    assert machine.memory_limit(CPU) is None
+
+
+UNDER_A_LIMIT = """
+import resource, sys, torch
+import machine
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+machine.MEMINFO, machine.STATUS, machine.CGROUP_MEMORY = sys.argv[2], sys.argv[3], []
+print(machine.memory_limit(torch.device("cpu")), machine.peak_memory(torch.device("cpu")))
+"""
+
+
+@pytest.mark.parametrize("address_space,limit", [(20 * GiB, (8_000_000 + 10_000_000) * 1024), (12 * GiB, 12 * GiB)])
+def test_under_an_address_space_limit_the_limit_is_counted_in_address_space(proc, tmp_path, address_space, limit):
+    """VmSize plus what the machine can give, or the address-space limit itself where that is lower; the peak is
+    VmPeak then, as glibc maps what it frees (keep_freed_memory)."""
+    proc(10_000_000, STATUS)
+    result = subprocess.run([sys.executable, "-c", UNDER_A_LIMIT, str(address_space), str(tmp_path / "meminfo"),
+                             str(tmp_path / "status")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(limit), str(9_000_000 * 1024)]
+
+
 # --- a real run under an address-space limit -------------------------------------------------------------
 
 def peak_address_space(project, cache):
