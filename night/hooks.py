@@ -157,13 +157,13 @@ def guard_git(words, cwd, added):
     if words[i] == "push":
         return PUSH_REFUSED
     if words[i] == "add":
-        paths = [w for w in words[i + 1:] if not w.startswith("-")]
+        paths = [w for w in words[i + 1:] if not w.startswith("-")]  # none with -A or -u: the whole tree
         tracked_only = any(w in ("-u", "--update") for w in words[i + 1:])  # -u stages no untracked file
-        whole = not paths or "." in paths or tracked_only or any(w in ("-A", "--all") for w in words[i + 1:])
-        added += (git(directory, "diff", "--name-only", "HEAD", *([] if whole else ["--", *paths])) or "").splitlines()
-        if not tracked_only:
-            added += (git(directory, "ls-files", "--others", "--exclude-standard", *([] if whole else ["--", *paths]))
-                      or "").splitlines()
+        if paths or tracked_only or any(w in ("-A", "--all") for w in words[i + 1:]):  # a bare `git add` stages nothing
+            added += (git(directory, "diff", "--name-only", "HEAD", "--", *paths) or "").splitlines()
+            if not tracked_only:
+                added += (git(directory, "ls-files", "--others", "--exclude-standard", "--full-name", "--", *paths)
+                          or "").splitlines()
     if words[i] == "commit":
         return refusal_to_commit(commit_changes(directory, words[i + 1:]) + added) or None
     return None

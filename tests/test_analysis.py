@@ -271,6 +271,12 @@ def test_the_morning_report_works_from_main(copy_night):
     assert status == 0 and "Audit of autoresearch/nov22: 0 findings (a clean night)" in out, out
     status, out = run_report(str(project / "results.tsv"), "--no-plot", "--branch", "main")  # named: as asked
     assert status == 1 and "Audit of main: 1 finding\n  line 7: kept commit " in out and "is not in main" in out
+    (project / "notes.md").write_text("main moved on\n")
+    git(project, "add", "notes.md")
+    git(project, "commit", "-qm", "notes")  # the night's branch is measured against its baseline, not main
+    (project / "prepare.py").write_text((project / "prepare.py").read_text() + "\n# main's own work\n")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")  # main's working tree is not the night's
+    assert status == 0 and "Audit of autoresearch/nov22: 0 findings (a clean night)" in out, out
     result = subprocess.run([sys.executable, analysis.__file__, str(project / "results.tsv"), "--branch", "nov23"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip().startswith("error: no branch 'nov23' in ")
@@ -345,6 +351,17 @@ def plant(project, what):
         (project / "prepare.py").write_text(original)
         restored = commit_edit(project, "budget back", train="# idea 2\n")
         lines += [f"{edited}\t0.500000\t0.0\tkeep\tidea 1", f"{restored}\t0.400000\t0.0\tkeep\tidea 2"]
+    elif what == "prepare.py changed, not committed":
+        (project / "prepare.py").write_text((project / "prepare.py").read_text() + "\nTIME_BUDGET = 50\n")
+    elif what == "a cheat kept, then taken out":
+        source = (project / "train.py").read_text()
+        cheat = commit_edit(project, "fewer tokens", train="\nimport prepare\nprepare.EVAL_TOKENS = 128\nsplit = 'val'\n")
+        (project / "train.py").write_text(source)
+        clean = commit_edit(project, "back", train="\nother = 'val'\n")
+        lines += [f"{cheat}\t0.500000\t0.0\tkeep\tfewer tokens", f"{clean}\t0.400000\t0.0\tkeep\tback"]
+    elif what == "a commit git does not know, first":
+        lines[3] = lines[3].replace("\tdiscard\t", "\tkeep\t")  # and the worse idea, reset, is logged as kept
+        lines.insert(1, "deadbee\t0.990000\t0.0\tdiscard\tlost to a rebase")
     elif what == "untracked module":
         (project / "helper.py").write_text("FAST = True\n")
         commit = commit_edit(project, "use the helper", train="\nimport helper  # noqa\n")
@@ -380,6 +397,12 @@ def plant(project, what):
                           "only evaluation with that number (a copied row?)"),
     ("prepare.py edited and restored", "line 9: kept {idea1} changes prepare.py (only train.py may change)"),
     ("prepare.py edited and restored", "line 10: kept {new} changes prepare.py (only train.py may change)"),
+    ("prepare.py changed, not committed", "prepare.py: changed in the working tree (not committed)"),
+    ("a cheat kept, then taken out", "line 9: kept {idea1} assigns into prepare: prepare.EVAL_TOKENS = 128"),
+    ("a cheat kept, then taken out", "note: line 9: kept {idea1} names the validation split: split = 'val'"),
+    ("a cheat kept, then taken out", "note: line 10: kept {new} names the validation split: other = 'val'"),
+    ("a commit git does not know, first", "line 2: commit deadbee is not in the repository"),
+    ("a commit git does not know, first", "line 5: kept commit {worse} is not in autoresearch/nov22 (reset away?)"),
     ("untracked module", "helper.py: a .py file beside train.py that git does not track (train.py can import it; "
                          "no commit records it)"),
     ("kept diff writing judge.log", "line 9: kept {new} names the judge's log: open(\"judge.log\", \"a\").write(\"\")"),
@@ -406,6 +429,25 @@ def test_each_planted_finding_is_caught(copy_night, what, expected):
                                new=after[-1][0], idea1=after[-2][0])
     assert status == 1
     assert f"  {expected}\n" in out, out
+
+
+def test_what_was_reset_away_answers_for_nothing(copy_night):
+    """Only kept commits answer for their diffs: a crashed idea that touched prepare.py and was reset is gone."""
+    project, _ = copy_night
+    crashed = commit_edit(project, "a longer budget", train="\n# idea\n", prepare="\nTIME_BUDGET = 50\n")
+    git(project, "reset", "-q", "--hard", "HEAD~1")
+    with open(project / "results.tsv", "a") as f:
+        f.write(f"{crashed}\t0.000000\t0.0\tcrash\ta longer budget (crashed)\n")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")
+    assert status == 0 and "0 findings (a clean night)" in out, out
+
+
+def test_the_baseline_is_the_first_finished_row_git_knows(copy_night):
+    project, _ = copy_night
+    first, second = (git(project, "rev-parse", "--short=7", f"HEAD~{n}") for n in (1, 0))
+    rows = [row(2, first, 0.0, "crash"), row(3, "deadbee", 1.0), row(4, second, 1.0), row(5, first, 1.0)]
+    assert analysis.Night(rows, str(project), "autoresearch/nov22").baseline is rows[2]
+    assert analysis.Night(rows[:2], str(project), "autoresearch/nov22").baseline is None  # a crash, an unknown
 
 
 def test_a_night_without_the_judges_log_cannot_be_trusted(copy_night):
@@ -523,7 +565,7 @@ def test_what_one_judged_run_shows():
         "450s (trained past the budget?)"]
     # the budget: the line's own, else the baseline's prepare.py, else 300
     assert analysis.run_findings(r, run(training="200.0", step_seconds="1.000", TIME_BUDGET="60"), [line],
-                                 dict(expected, TIME_BUDGET="60"))[0].endswith(
+                                 dict(expected, TIME_BUDGET="300"))[-1].endswith(
         "a 60s budget and its 1.000s steps allow about 150s (trained past the budget?)")
     assert analysis.run_findings(r, run(training="200.0", step_seconds="1.000"), [line],
                                  dict(expected, TIME_BUDGET="60"))[-1].endswith(

@@ -112,6 +112,10 @@ def stop(repo, active=False):
     ("train.py", 'git -c core.hooksPath=/dev/null commit -am "x"', REFUSED_OPTIONS.format("-c core.hooksPath=/dev/null")),
     ("train.py", 'git -C . --git-dir=.git commit -am "x"', REFUSED_OPTIONS.format("--git-dir=.git")),
     ("train.py", 'git --no-pager -C . log -1', ""),
+    ("train.py", "git --no-pager push", REFUSED_PUSH), ("train.py", "git -P push", REFUSED_PUSH),  # -P: --no-pager
+    ("train.py", "git -P log -1", ""),
+    ("train.py", 'git -c a=b --git-dir=.git -c c=d commit -am "x"', REFUSED_OPTIONS.format("-c a=b --git-dir=.git -c c=d")),
+    ("train.py", "git", ""), ("train.py", "git -C", ""), ("train.py", "git -C .", ""),  # no subcommand: nothing to guard
 ])
 def test_the_guard_refuses_commits_of_other_files_and_pushes(repo, edit, command, refusal):
     name = edit.split()[0]
@@ -186,6 +190,7 @@ def test_a_commit_of_several_fixed_files_names_each_and_how_to_undo_them(repo):
     ("git add newfile.py && git commit -m x", True),       # an untracked file, added in the same line
     ("git add -A && git commit -m x", True), ("git add . && git commit -m x", True),
     ("git add --all && git commit -m x", True), ("git add -u && git commit -m x", False),  # -u: tracked files only
+    ("git add --update && git commit -m x", False), ("git add && git commit -m x", False),  # a bare add stages nothing
     ("git add train.py && git commit -m x", False),        # only what the night may change
     ("git add -- train.py && git commit -m x", False),
     ("GIT_AUTHOR_NAME=x git commit -am y", False), ("GIT_AUTHOR_NAME=x EDITOR=true git add newfile.py; git commit -m y", True),
@@ -198,6 +203,35 @@ def test_what_git_add_stages_in_the_same_line_counts(repo, command, refused):
     assert (status, message.startswith("refused: this commit would record newfile.py")) == ((2, True) if refused else (0, False))
 
 
+def test_git_add_stages_what_it_names_and_nothing_git_ignores(repo):
+    """A dirty prepare.py that the line does not add, and files git ignores, are not what the commit records."""
+    (repo / "train.py").write_text("DEPTH = 10\n")
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    assert hook(bash(repo, "git add train.py && git commit -m x")) == (0, "", "")
+    git(repo, "checkout", "-q", "--", "prepare.py")
+    (repo / ".git" / "info" / "exclude").write_text("run.log\n")
+    (repo / "run.log").write_text("step 1\n")
+    assert hook(bash(repo, "git add -A && git commit -m x")) == (0, "", "")
+
+
+def test_git_add_from_a_folder_names_paths_from_the_top(repo):
+    """`git add -A` takes the whole tree from any folder, and a train.py in a folder is not the night's."""
+    (repo / "sub").mkdir()
+    (repo / "sub" / "train.py").write_text("DEPTH = 10\n")
+    status, _, message = hook(bash(repo / "sub", "git add -A && git commit -m x"))
+    assert (status, message.split(";")[0]) == (2, "refused: this commit would record sub/train.py")
+
+
+def test_git_c_and_its_own_folder_are_both_guarded(repo, tmp_path):
+    """Run from outside, `git -C` into the night is guarded; run from the night, a push anywhere is refused."""
+    (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
+    assert hook(bash(tmp_path, f'git -C {repo} commit -qam "x"')) == (2, "", REFUSED_PREPARE)
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    assert hook(bash(repo, f"git -C {other} push")) == (2, "", REFUSED_PUSH)
+
+
 def test_a_worktree_of_the_night_is_guarded_through_git_c(repo, tmp_path):
     """parallel/program.md's worktrees: detached, in a repository with a night's branch; `git -C` reaches them."""
     worktree = tmp_path / "worktrees" / "w1"
@@ -205,6 +239,7 @@ def test_a_worktree_of_the_night_is_guarded_through_git_c(repo, tmp_path):
     (worktree / "prepare.py").write_text("TIME_BUDGET = 600\n")
     assert hook(bash(repo, f'git -C {worktree} commit -qam "x"')) == (2, "", REFUSED_PREPARE)
     assert hook(bash(worktree, 'git commit -qam "x"')) == (2, "", REFUSED_PREPARE)  # or run in it
+    assert hook(bash(repo, 'git -C ../worktrees/w1 commit -qam "x"')) == (2, "", REFUSED_PREPARE)  # from the event's cwd
     git(repo, "checkout", "-q", "main")
     git(repo, "branch", "-q", "-D", "autoresearch/t")  # no night left in the repository: nothing to guard
     assert hook(bash(worktree, 'git commit -qam "x"')) == (0, "", "")
