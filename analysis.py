@@ -364,7 +364,7 @@ def audit(rows, directory, branch=None):
     the numbers against the judge's log."""
     if git(directory, "rev-parse", "--git-dir") is None:
         return [], [f"{directory} is not a git repository: the audit needs one"]
-    branch, note = find_branch(rows, directory, branch)
+    branch, note = (branch, None) if branch else find_branch(rows, directory)  # main passes the one it found
     night = Night(rows, directory, branch)
     findings = [f"line {row.line}: commit {row.commit} is not in the repository" for row in rows
                 if night.full[row.commit] is None]

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import matplotlib.image
 import matplotlib.pyplot
@@ -282,6 +283,31 @@ def test_the_morning_report_works_from_main(copy_night):
     assert result.returncode == 1 and result.stderr.strip().startswith("error: no branch 'nov23' in ")
 
 
+def test_the_night_is_the_branch_with_the_most_keeps_then_a_night_s_then_the_checked_out_one(copy_night):
+    """find_branch's order, on the real night: kept commits held, autoresearch/* first, the checked-out one, the newest."""
+    project, _ = copy_night
+    audited = lambda: re.search(r"^Audit of (\S+):", run_report(str(project / "results.tsv"), "--no-plot")[1], re.M).group(1)
+    git(project, "branch", "autoresearch/nov23", "main")  # a newer night holding only the baseline, checked out
+    git(project, "checkout", "-q", "autoresearch/nov23")
+    assert audited() == "autoresearch/nov22"
+    git(project, "branch", "autoresearch/copy", "autoresearch/nov22")  # the same keeps, newer
+    git(project, "checkout", "-q", "autoresearch/nov22")
+    assert audited() == "autoresearch/nov22"  # checked out beats newer
+    git(project, "checkout", "-q", "main")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")
+    assert "Audit of autoresearch/copy:" in out and ("  note: autoresearch/copy, autoresearch/nov22 hold the kept "
+                                                       "commits alike: audited the newest, autoresearch/copy") in out
+    git(project, "branch", "-q", "-D", "autoresearch/copy")
+    git(project, "merge", "-q", "--ff-only", "autoresearch/nov22")  # main holds the night too, and is checked out
+    assert audited() == "autoresearch/nov22"
+
+
+def test_a_repository_without_commits_is_audited_as_head(tmp_path):
+    git(tmp_path, "init", "-q")
+    status, out = run_report(write(tmp_path, [HEADER] + LEDGER[:1]), "--no-plot")
+    assert status == 1 and "Audit of HEAD: 1 finding\n  line 2: commit a000001 is not in the repository\n" in out
+
+
 def test_an_old_judges_log_is_still_read(copy_night):
     """Lines of an older prepare.py (time, sha256, val_bpb, tokens): the numbers are checked, the rest noted."""
     project, _ = copy_night
@@ -291,6 +317,49 @@ def test_an_old_judges_log_is_still_read(copy_night):
     assert status == 0, out
     assert ("  note: 5 evaluation(s) logged by an older prepare.py: their run, timing, settings and device were not "
             "checked\n") in out
+
+
+def test_an_old_line_among_new_ones_leaves_the_rest_checked(copy_night):
+    project, _ = copy_night
+    log = project / "judge.log"
+    lines = log.read_text().splitlines()
+    lines[0] = "\t".join(lines[0].split("\t")[:4])  # the baseline's first run, logged by an older prepare.py
+    log.write_text("\n".join(lines) + "\n")
+    set_judge_field(project, 2, EVAL_TOKENS="128")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")
+    assert status == 1 and "was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128" in out, out
+
+
+def test_a_run_in_the_second_before_the_branch_counts_and_not_earlier(copy_night):
+    """judge.log and git's reflog count whole seconds: one second before the branch was made is the clocks'
+    rounding, two seconds is an earlier night."""
+    project, _ = copy_night
+    made = int(git(project, "reflog", "show", "--date=unix", "--format=%gd", "refs/heads/autoresearch/nov22",
+                   "--").splitlines()[-1].rsplit("@{", 1)[1].rstrip("}"))
+    for seconds, clean in ((made - 1, True), (made - 2, False)):
+        log = project / "judge.log"
+        lines = log.read_text().splitlines()
+        lines[0] = "\t".join([f"{datetime.fromtimestamp(seconds, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"] + lines[0].split("\t")[1:])
+        log.write_text("\n".join(lines) + "\n")
+        status, out = run_report(str(project / "results.tsv"), "--no-plot")
+        assert (status, "0 findings (a clean night)" in out) == ((0, True) if clean else (1, False)), out
+
+
+def test_without_the_branch_s_reflog_every_run_counts_and_the_report_says_so(copy_night):
+    project, _ = copy_night
+    os.remove(project / ".git" / "logs" / "refs" / "heads" / "autoresearch" / "nov22")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")
+    assert status == 0 and ("  note: git does not know when autoresearch/nov22 was made: runs of earlier nights in "
+                            "judge.log may count\n") in out, out
+
+
+def test_a_night_of_crashes_needs_no_judges_log(copy_night):
+    project, _ = copy_night
+    crashes = [line for line in ledger_lines(project) if "\tcrash\t" in line]
+    (project / "results.tsv").write_text("\n".join([HEADER] + crashes) + "\n")
+    os.remove(project / "judge.log")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")
+    assert status == 0 and "0 findings (a clean night)" in out, out
 
 
 def test_runs_of_earlier_nights_do_not_count(copy_night):
@@ -440,6 +509,20 @@ def test_what_was_reset_away_answers_for_nothing(copy_night):
         f.write(f"{crashed}\t0.000000\t0.0\tcrash\ta longer budget (crashed)\n")
     status, out = run_report(str(project / "results.tsv"), "--no-plot")
     assert status == 0 and "0 findings (a clean night)" in out, out
+
+
+def test_each_keep_beats_the_best_mean_kept_before_it(copy_night):
+    """The ratchet on means: a keep equal to the best before it, or worse, is a finding; the best stays the best."""
+    project, _ = copy_night
+    c1, c2 = (git(project, "rev-parse", "--short=7", f"HEAD~{n}") for n in (1, 0))
+    c3 = commit_edit(project, "a third", train="\n# a third idea\n")
+    night = lambda *rows: analysis.Night(list(rows), str(project), "autoresearch/nov22")
+    assert analysis.audit_keeps(night(row(2, c1, 0.9), row(3, c2, 1.0), row(4, c3, 0.95))) == ([
+        f"line 3: kept {c2} at 1.000000 (mean of 1) does not beat the best kept before it, 0.900000",
+        f"line 4: kept {c3} at 0.950000 (mean of 1) does not beat the best kept before it, 0.900000"], [])
+    assert analysis.audit_keeps(night(row(2, c1, 1.0), row(3, c1, 0.5), row(4, c2, 0.75))) == ([
+        f"line 4: kept {c2} at 0.750000 (mean of 1) does not beat the best kept before it, 0.750000"], [])
+    assert analysis.audit_keeps(night(row(2, c1, 1.0), row(3, c2, 0.9), row(4, c3, 0.8))) == ([], [])
 
 
 def test_the_baseline_is_the_first_finished_row_git_knows(copy_night):
