@@ -599,6 +599,8 @@ def judged(line, sha, value, **fields):
     ("loader = make_dataloader(tokenizer, 4, 64, 'val')", [], ["names the validation split: loader = "
                                                                 "make_dataloader(tokenizer, 4, 64, 'val')"]),
     ("np.load('tokens/x.npz')", [], ["names the token cache: np.load('tokens/x.npz')"]),
+    ("os.listdir(prepare.TOKENS_DIR)", [], ["names the token cache: os.listdir(prepare.TOKENS_DIR)"]),
+    ("d = os.path.join(c, 'tokens')", [], ["names the token cache: d = os.path.join(c, 'tokens')"]),
 ])
 def test_the_signs_in_a_kept_diff(added, findings, notes):
     diff = f"--- a/train.py\n+++ b/train.py\n@@ -1,2 +1,2 @@\n context = 1\n-old = 2\n+{added}\n"
