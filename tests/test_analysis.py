@@ -422,6 +422,9 @@ def plant(project, what):
         lines += [f"{edited}\t0.500000\t0.0\tkeep\tidea 1", f"{restored}\t0.400000\t0.0\tkeep\tidea 2"]
     elif what == "prepare.py changed, not committed":
         (project / "prepare.py").write_text((project / "prepare.py").read_text() + "\nTIME_BUDGET = 50\n")
+    elif what == "prepare.py staged, not committed":
+        (project / "prepare.py").write_text((project / "prepare.py").read_text() + "\nTIME_BUDGET = 50\n")
+        git(project, "add", "prepare.py")
     elif what == "a cheat kept, then taken out":
         source = (project / "train.py").read_text()
         cheat = commit_edit(project, "fewer tokens", train="\nimport prepare\nprepare.EVAL_TOKENS = 128\nsplit = 'val'\n")
@@ -467,6 +470,7 @@ def plant(project, what):
     ("prepare.py edited and restored", "line 9: kept {idea1} changes prepare.py (only train.py may change)"),
     ("prepare.py edited and restored", "line 10: kept {new} changes prepare.py (only train.py may change)"),
     ("prepare.py changed, not committed", "prepare.py: changed in the working tree (not committed)"),
+    ("prepare.py staged, not committed", "prepare.py: changed in the working tree (not committed)"),
     ("a cheat kept, then taken out", "line 9: kept {idea1} assigns into prepare: prepare.EVAL_TOKENS = 128"),
     ("a cheat kept, then taken out", "note: line 9: kept {idea1} names the validation split: split = 'val'"),
     ("a cheat kept, then taken out", "note: line 10: kept {new} names the validation split: other = 'val'"),
