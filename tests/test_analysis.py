@@ -290,16 +290,31 @@ def test_the_night_is_the_branch_with_the_most_keeps_then_a_night_s_then_the_che
     git(project, "branch", "autoresearch/nov23", "main")  # a newer night holding only the baseline, checked out
     git(project, "checkout", "-q", "autoresearch/nov23")
     assert audited() == "autoresearch/nov22"
-    git(project, "branch", "autoresearch/copy", "autoresearch/nov22")  # the same keeps, newer
+    git(project, "tag", "v1", "autoresearch/nov22")  # a tag holds kept commits too, and is no branch
+    git(project, "branch", "autoresearch/rerun", "autoresearch/nov22")  # the same keeps, newer
     git(project, "checkout", "-q", "autoresearch/nov22")
     assert audited() == "autoresearch/nov22"  # checked out beats newer
     git(project, "checkout", "-q", "main")
-    status, out = run_report(str(project / "results.tsv"), "--no-plot")
-    assert "Audit of autoresearch/copy:" in out and ("  note: autoresearch/copy, autoresearch/nov22 hold the kept "
-                                                       "commits alike: audited the newest, autoresearch/copy") in out
-    git(project, "branch", "-q", "-D", "autoresearch/copy")
+    status, out = run_report(str(project / "results.tsv"), "--no-plot")  # the newest, not the first by name
+    assert "Audit of autoresearch/rerun:" in out and ("  note: autoresearch/rerun, autoresearch/nov22 hold the kept "
+                                                        "commits alike: audited the newest, autoresearch/rerun") in out
+    git(project, "branch", "-q", "-D", "autoresearch/rerun")
     git(project, "merge", "-q", "--ff-only", "autoresearch/nov22")  # main holds the night too, and is checked out
     assert audited() == "autoresearch/nov22"
+    git(project, "checkout", "-q", "autoresearch/nov22")
+    git(project, "branch", "-q", "-D", "main", "autoresearch/nov23")
+    assert audited() == "autoresearch/nov22"  # the only branch
+
+
+def test_the_audit_alone_finds_the_night_s_branch(copy_night):
+    """analysis.audit without a branch (test_parallel's use) looks for it as the report does, and says so."""
+    project, _ = copy_night
+    git(project, "checkout", "-q", "main")
+    rows, _ = analysis.read_ledger(str(project / "results.tsv"))
+    assert analysis.audit(rows, str(project)) == ([], [])
+    git(project, "branch", "autoresearch/rerun", "autoresearch/nov22")
+    assert analysis.audit(rows, str(project))[1][0] == ("autoresearch/rerun, autoresearch/nov22 hold the kept commits "
+                                                        "alike: audited the newest, autoresearch/rerun (--branch names one)")
 
 
 def test_a_repository_without_commits_is_audited_as_head(tmp_path):
