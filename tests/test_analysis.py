@@ -7,7 +7,10 @@ quotes and commas. The chart is checked from the figure's own data (points, runn
 not only for a file. The audit runs on the scripted night of tests/conftest.py (real tiny runs in a git
 repository, judge.log written by evaluate_bpb): the clean night exits 0, and each finding is planted once,
 on a copy, and caught: an edited prepare.py, a discarded commit left in history, a kept commit reset away,
-a hand-typed val_bpb, a row whose commit never ran.
+a hand-typed val_bpb, a row whose commit never ran, and more. The audit's rules are also checked one by one,
+on hand-written inputs and the same night: the signs in a kept diff, the settings a prepare.py assigns, the
+judge's runs per row, the branch the night is (most keeps, a night's, the checked-out one, the newest), the
+ratchet on means, the second before the branch was made.
 
     uv run pytest tests/test_analysis.py
 """
