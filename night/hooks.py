@@ -158,8 +158,10 @@ def guard_git(words, cwd, added):
         return PUSH_REFUSED
     if words[i] == "add":
         paths = [w for w in words[i + 1:] if not w.startswith("-")]  # none with -A or -u: the whole tree
-        tracked_only = any(w in ("-u", "--update") for w in words[i + 1:])  # -u stages no untracked file
-        if paths or tracked_only or any(w in ("-A", "--all") for w in words[i + 1:]):  # a bare `git add` stages nothing
+        flags = "".join(w[1:] for w in words[i + 1:] if re.fullmatch(r"-[a-zA-Z]+", w))  # -Av is -A and -v
+        everything = "A" in flags or "--all" in words[i + 1:]
+        tracked_only = ("u" in flags or "--update" in words[i + 1:]) and not everything  # -u: no untracked file
+        if paths or tracked_only or everything:  # a bare `git add` stages nothing
             added += (git(directory, "diff", "--name-only", "HEAD", "--", *paths) or "").splitlines()
             if not tracked_only:
                 added += (git(directory, "ls-files", "--others", "--exclude-standard", "--full-name", "--", *paths)

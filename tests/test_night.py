@@ -192,6 +192,7 @@ def test_a_commit_of_several_fixed_files_names_each_and_how_to_undo_them(repo):
     ("git add --all && git commit -m x", True), ("git add -u && git commit -m x", False),  # -u: tracked files only
     ("git add --update && git commit -m x", False), ("git add && git commit -m x", False),  # a bare add stages nothing
     ("git add -u . && git commit -m x", False), ("git add . --update && git commit -m x", False),  # -u with a path
+    ("git add -Av && git commit -m x", True), ("git add -vu && git commit -m x", False),  # flags in a cluster
     ("git add train.py && git commit -m x", False),        # only what the night may change
     ("git add -- train.py && git commit -m x", False),
     ("GIT_AUTHOR_NAME=x git commit -am y", False), ("GIT_AUTHOR_NAME=x EDITOR=true git add newfile.py; git commit -m y", True),
