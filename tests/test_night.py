@@ -210,6 +210,7 @@ def test_git_add_stages_what_it_names_and_nothing_git_ignores(repo):
     (repo / "train.py").write_text("DEPTH = 10\n")
     (repo / "prepare.py").write_text("TIME_BUDGET = 600\n")
     assert hook(bash(repo, "git add train.py && git commit -m x")) == (0, "", "")
+    assert hook(bash(repo, "git add --update && git commit -m x")) == (2, "", REFUSED_PREPARE)  # every tracked change
     git(repo, "checkout", "-q", "--", "prepare.py")
     (repo / ".git" / "info" / "exclude").write_text("run.log\n")
     (repo / "run.log").write_text("step 1\n")
