@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 import weakref
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -35,6 +36,17 @@ def git(directory, *args, env=None):
     """stdout of a git command in `directory` (stripped); a failing command raises."""
     return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, check=True,
                           env=env).stdout.strip()
+
+
+def branch_made(directory, branch):
+    """When git's reflog says `branch` was created, in whole seconds (what analysis.py counts a night from)."""
+    log = git(directory, "reflog", "show", "--date=unix", "--format=%gd", f"refs/heads/{branch}", "--")
+    return int(log.splitlines()[-1].rsplit("@{", 1)[1].rstrip("}"))
+
+
+def judge_time(seconds):
+    """A judge.log time field for a moment in Unix seconds (UTC, whole seconds, as evaluate_bpb writes it)."""
+    return f"{datetime.fromtimestamp(seconds, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
 # --- a synthetic corpus, climbmix-shaped --------------------------------------------------------------------

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
 
 import matplotlib.image
 import matplotlib.pyplot
@@ -31,7 +30,7 @@ import pytest
 
 import analysis
 from files import JudgeRun
-from helpers import GREP, RUN, Agent, git, replace_in, set_constants
+from helpers import GREP, RUN, Agent, branch_made, git, judge_time, replace_in, set_constants
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 LEDGER = [  # a night with known figures
@@ -352,12 +351,11 @@ def test_a_run_in_the_second_before_the_branch_counts_and_not_earlier(copy_night
     """judge.log and git's reflog count whole seconds: one second before the branch was made is the clocks'
     rounding, two seconds is an earlier night."""
     project, _ = copy_night
-    made = int(git(project, "reflog", "show", "--date=unix", "--format=%gd", "refs/heads/autoresearch/nov22",
-                   "--").splitlines()[-1].rsplit("@{", 1)[1].rstrip("}"))
+    made = branch_made(project, "autoresearch/nov22")
     for seconds, clean in ((made - 1, True), (made - 2, False)):
         log = project / "judge.log"
         lines = log.read_text().splitlines()
-        lines[0] = "\t".join([f"{datetime.fromtimestamp(seconds, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"] + lines[0].split("\t")[1:])
+        lines[0] = "\t".join([judge_time(seconds)] + lines[0].split("\t")[1:])
         log.write_text("\n".join(lines) + "\n")
         status, out = run_report(str(project / "results.tsv"), "--no-plot")
         assert (status, "0 findings (a clean night)" in out) == ((0, True) if clean else (1, False)), out
@@ -438,11 +436,10 @@ def plant(project, what):
         (project / "prepare.py").write_text(original)
         restored = commit_edit(project, "budget back", train="# idea 2\n")
         lines += [f"{edited}\t0.500000\t0.0\tkeep\tidea 1", f"{restored}\t0.400000\t0.0\tkeep\tidea 2"]
-    elif what == "prepare.py changed, not committed":
+    elif what in ("prepare.py changed, not committed", "prepare.py staged, not committed"):
         (project / "prepare.py").write_text((project / "prepare.py").read_text() + "\nTIME_BUDGET = 50\n")
-    elif what == "prepare.py staged, not committed":
-        (project / "prepare.py").write_text((project / "prepare.py").read_text() + "\nTIME_BUDGET = 50\n")
-        git(project, "add", "prepare.py")
+        if "staged" in what:
+            git(project, "add", "prepare.py")
     elif what == "a cheat kept, then taken out":
         source = (project / "train.py").read_text()
         cheat = commit_edit(project, "fewer tokens", train="\nimport prepare\nprepare.EVAL_TOKENS = 128\nsplit = 'val'\n")

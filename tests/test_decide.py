@@ -16,12 +16,12 @@ import hashlib
 import io
 import math
 import os
-from datetime import datetime, timezone
+import time
 
 import pytest
 
 import analysis
-from helpers import git
+from helpers import branch_made, git, judge_time
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 BASELINE = [1.000000, 1.000200]  # the pair: noise floor 0.000141 on 1 df
@@ -55,7 +55,7 @@ class Night:
     def judged(self, values, when=None):
         """The judge's lines for runs of HEAD's train.py."""
         sha = hashlib.sha256((self.repo / "train.py").read_bytes()).hexdigest()
-        when = when or f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+        when = when or judge_time(time.time())
         with open(self.repo / "judge.log", "a") as f:
             for i, value in enumerate(values):
                 f.write(f"{when}\t{sha}\t{value:.6f}\t20971520\trun=r{i}{value}\tdevice=cpu\n")
@@ -212,12 +212,10 @@ def test_a_run_in_the_second_before_the_branch_counts_and_not_earlier(tonight):
     """judge.log and git's reflog both count whole seconds: a run stamped one second before the night's branch
     was made belongs to the night (the clocks' rounding), two seconds before does not."""
     commit = tonight.commit("# idea")
-    made = int(git(tonight.repo, "reflog", "show", "--date=unix", "--format=%gd", "refs/heads/autoresearch/t",
-                   "--").splitlines()[-1].rsplit("@{", 1)[1].rstrip("}"))
-    stamp = lambda seconds: f"{datetime.fromtimestamp(seconds, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
-    tonight.judged([0.999000], when=stamp(made - 2))
+    made = branch_made(tonight.repo, "autoresearch/t")
+    tonight.judged([0.999000], when=judge_time(made - 2))
     assert tonight.decide()[0] == 2
-    tonight.judged([0.999100], when=stamp(made - 1))
+    tonight.judged([0.999100], when=judge_time(made - 1))
     assert tonight.decide()[1].startswith(f"rerun: {commit} runs 0.999100 (mean 0.999100)")
 
 
