@@ -38,11 +38,11 @@ if torch.cuda.is_available() and not COMPILE:
 @dataclass
 class GPTConfig:
     sequence_len: int = 2048
-    vocab_size: int = 8192
-    n_layer: int = 8
-    n_head: int = 4
-    n_kv_head: int = 4
-    n_embd: int = 512
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
     window_pattern: str = "SSSL"
 
 
@@ -197,10 +197,10 @@ class GPT(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
-    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                         adam_betas=(0.8, 0.95), scalar_lr=0.5):
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
-        print(f"Scaling AdamW learning rates by (n_embd/768)^-0.5 = {dmodel_lr_scale:.6f}")
+        print(f"Scaling AdamW LRs by 1/sqrt({self.config.n_embd}/768) = {dmodel_lr_scale:.6f}")
         adamw = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
         param_groups = [
             dict(adamw, params=[self.lm_head.weight], lr=unembedding_lr * dmodel_lr_scale),
@@ -237,13 +237,19 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
 
+
+def compile_model(model, device, backend="inductor", fullgraph=False):
+    """torch.compile as the original compiles the model (static shapes), the fallback's masks built before tracing."""
+    prepare_attention(model.config.sequence_len, model.window_sizes, device)
+    return torch.compile(model, dynamic=False, backend=backend, fullgraph=fullgraph)
+
 # ---------------------------------------------------------------------------
 # Optimizer: MuonAdamW (AdamW for embeddings, head and scalars; Muon for the block matrices)
 # ---------------------------------------------------------------------------
 
-def compile_on_cuda(fn):
-    """torch.compile on CUDA with Triton; eager elsewhere (inductor's CPU backend needs a C++ toolchain and setuptools)."""
-    return torch.compile(fn, dynamic=False, fullgraph=True) if COMPILE else fn
+def compile_step(fn, backend="inductor"):
+    """torch.compile as the original compiles both optimizer steps: one graph (fullgraph), static shapes."""
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
 
 
 POLAR_EXPRESS_COEFFS = [  # (a, b, c) per orthogonalisation step
@@ -258,15 +264,15 @@ POLAR_EXPRESS_COEFFS = [  # (a, b, c) per orthogonalisation step
 def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
     """One AdamW step in place; the hyperparameters are 0-d CPU tensors so new values never recompile."""
     p.mul_(1 - lr_t * wd_t)
-    exp_avg.lerp_(grad, (1 - beta1_t).to(exp_avg.dtype))
-    exp_avg_sq.lerp_(grad.square(), (1 - beta2_t).to(exp_avg_sq.dtype))
+    exp_avg.lerp_(grad, 1 - beta1_t)  # float32 weights, even for the bf16 embeddings' moments
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
     bias_correction1 = 1 - beta1_t ** step_t
     bias_correction2 = 1 - beta2_t ** step_t
     denom = (exp_avg_sq / bias_correction2).sqrt() + eps_t
-    p.sub_((lr_t / bias_correction1) * exp_avg / denom)
+    p.add_(exp_avg / denom, alpha=-(lr_t / bias_correction1))
 
 
-adamw_step_fused = compile_on_cuda(adamw_step)
+adamw_step_fused = compile_step(adamw_step) if COMPILE else adamw_step  # eager off CUDA: see COMPILE
 
 
 def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
@@ -291,10 +297,11 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     n = X.size(red_dim)
     v_mean = X.float().square().mean(dim=red_dim, keepdim=True)  # (k, rows, 1) or (k, 1, cols)
     norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
-    second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), (1 - beta2_t).to(second_momentum_buffer.dtype))
+    beta2 = beta2_t.to(X.dtype)  # bf16: the rate 1 - beta2 is 0.05078125 for beta2 = 0.95
+    second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), 1 - beta2)
     step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
     norm_after = (v_mean * n * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    X = X * (step_size * norm_before / norm_after.clamp_min(1e-10)).to(X.dtype)
+    X = X * (step_size * (norm_before / norm_after.clamp_min(1e-10))).to(X.dtype)
     # cautious weight decay (only where update and parameter agree in sign) and the update
     lr = lr_t.to(X.dtype)
     wd = wd_t.to(X.dtype)
@@ -302,7 +309,7 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     stacked_params.sub_(lr * X + lr * wd * stacked_params * mask)
 
 
-muon_step_fused = compile_on_cuda(muon_step)
+muon_step_fused = compile_step(muon_step) if COMPILE else muon_step
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -488,8 +495,7 @@ def main():
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     if COMPILE:
-        prepare_attention(MAX_SEQ_LEN, model.window_sizes, device)  # the fallback's masks, before tracing
-        model = torch.compile(model, dynamic=False)
+        model = compile_model(model, device)
 
     # the largest micro-batch up to DEVICE_BATCH_SIZE that fits (the same tokens per step: more accumulation)
     micro_batch, micro_step_seconds = fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx,

@@ -1,4 +1,4 @@
-"""GPT.forward against an independent forward written here from SPEC section 3, at random non-zero weights.
+"""GPT.forward against an independent forward written here, at random non-zero weights; compiled, against eager.
 
 At initialisation every block's output projection and every value-embedding gate is zero, so a forward
 there cannot see attention, QK-norm, rotary, the MLP's activation, the gate or the lambdas. Here every
@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.backends.debugging import aot_eager
 
 import machine
 import train
@@ -165,3 +166,35 @@ def test_gradients_of_every_parameter_equal_the_reference(n_layer, n_head, n_kv_
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item(),
                                    msg=lambda m: f"{name}: {m}")
 
+
+
+# --- the model compiled as train.py compiles it ------------------------------------------------------------
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ, reason="mutmut's trampolines cannot be compiled")
+@pytest.mark.parametrize("n_layer,n_head,n_kv_head,pattern", [CASES[1]])
+def test_the_compiled_model_is_one_graph_with_the_eager_loss_and_gradients(n_layer, n_head, n_kv_head, pattern):
+    """train.compile_model with torch's aot_eager backend and fullgraph=True (stricter than train.py: a graph
+    break is an error): the windows go through FlexAttention's block mask inside the graph, the eager model
+    through the dense mask, and both give the same loss and gradients. Inductor cannot take this graph on the CPU
+    in torch 2.9.1 (its FlexAttention lowering there is for inference only): the GPU check compiles it for real."""
+    eager, _ = random_model(n_layer, n_head, n_kv_head, pattern, head_std=0.2)
+    model, _ = random_model(n_layer, n_head, n_kv_head, pattern, head_std=0.2)
+    idx, targets = data()
+    graphs = []
+
+    def recording_aot_eager(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = train.compile_model(model, idx.device, backend=recording_aot_eager, fullgraph=True)
+    loss = compiled(idx, targets)
+    loss.backward()
+    expected = eager(idx, targets)
+    expected.backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 1 and sum("flex_attention" in target for target in graphs[0]) == n_layer - 1, graphs
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert q.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12 * q.grad.abs().max().item(), msg=lambda m: f"{name}: {m}")

@@ -269,7 +269,7 @@ def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, c
         mp.setattr(train, "time", time)
         mp.setattr(machine, "time", time)
         mp.setattr(train, "COMPILE", True)
-        mp.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counter, **kwargs))
+        mp.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, **{**kwargs, "backend": counter}))
         mp.setattr(train, "DEVICE_BATCH_SIZE", 4)
         mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
         mp.setattr(train, "TIME_BUDGET", 0.01)
