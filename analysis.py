@@ -28,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from files import JUDGE_LOG, JUDGE_SETTINGS, read_judge_log
+from files import JUDGE_LOG, JUDGE_LOGGED, read_judge_log, recorded_val_digest
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -37,8 +37,9 @@ from files import JUDGE_LOG, JUDGE_SETTINGS, read_judge_log
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
 AGENT_FILES = ["train.py"]     # the only file a night may change; every other file of the project is fixed
-TIME_SLACK = 1.25              # an evaluation may come this many times (budget + 12 measured steps) after the
-TIME_GRACE = 60                # training began, plus these seconds, before it counts as trained past the budget
+TIME_SLACK = 0.05              # an evaluation may come the budget, this fraction of it, TIME_STEPS of the judge's
+TIME_STEPS = 13                # median steps (11 uncounted, the last, the evaluation's start), its longest step and
+TIME_GRACE = 1.0               # these seconds after the training began, before the run counts as trained too long
 ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}  # what prepare.py's constants are written with
 CLEAR_QUANTILE = 0.999        # a first run is kept at once when its gain is this far out in the noise (t-quantile)
@@ -308,7 +309,7 @@ def settings_of(source):
     settings = {}
     for node in ast.parse(source).body:
         names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        if isinstance(node, ast.Assign) and len(names) == 1 and names[0] in JUDGE_SETTINGS:
+        if isinstance(node, ast.Assign) and len(names) == 1 and names[0] in JUDGE_LOGGED:
             try:
                 settings[names[0]] = str(number(node.value))
             except (ValueError, ArithmeticError):
@@ -467,12 +468,16 @@ def audit_numbers(night):
     expected = settings_of(git(directory, "show", f"{full[baseline.commit]}:prepare.py") or "") if baseline else {}
     rows_by_line = {r.line: r for r in rows}
     devices = {}
+    digest = recorded_val_digest()
+    if digest is None and matched:
+        notes.append("prepare.py recorded no digest of the validation tokens beside the tokenizer (a cache prepared "
+                     "before it did): `uv run prepare.py` records it; what each run scored was not checked against it")
     for line, run in matched.items():
         row, fields = rows_by_line[line], run.fields
         if not fields:
             continue
         devices.setdefault(fields.get("device"), []).append(row.line)
-        findings += run_findings(row, fields, runs, expected)
+        findings += run_findings(row, fields, runs, expected, digest)
     if len(devices) > 1:
         findings.append(f"{JUDGE_LOG}: the night ran on {len(devices)} devices, whose results do not compare: " +
                         "; ".join(f"{d} (lines {', '.join(map(str, ls))})" for d, ls in devices.items()))
@@ -483,9 +488,10 @@ def audit_numbers(night):
     return findings, notes
 
 
-def run_findings(row, fields, runs, expected):
+def run_findings(row, fields, runs, expected, digest=None):
     """What the judge's line of one row's run shows: evaluated more than once, other settings than the
-    baseline's, the judge's code or settings replaced in prepare, trained past the budget."""
+    baseline's, the judge's code or settings replaced in prepare, validation tokens other than those prepared
+    (`digest`), the validation split read outside the evaluation, trained past the budget or untimed."""
     findings = []
     again = [other for other in runs if other.fields.get("run") == fields.get("run")]
     if len(again) > 1:
@@ -498,14 +504,30 @@ def run_findings(row, fields, runs, expected):
     if fields.get("replaced", "-") != "-":
         findings.append(f"line {row.line}: {row.commit}'s run replaced the judge's {fields['replaced']} in prepare "
                         f"(the judge put it back for the evaluation)")
-    if "-" not in (fields.get("training", "-"), fields.get("step_seconds", "-")):
-        budget = float(fields.get("TIME_BUDGET", expected.get("TIME_BUDGET", 300)))
-        allowed = TIME_SLACK * (budget + 12 * float(fields["step_seconds"])) + TIME_GRACE
-        if float(fields["training"]) > allowed:
-            findings.append(f"line {row.line}: {row.commit} was evaluated {float(fields['training']):.0f}s after its "
-                            f"training began; a {budget:.0f}s budget and its {float(fields['step_seconds']):.3f}s "
-                            f"steps allow about {allowed:.0f}s (trained past the budget?)")
+    if digest is not None and fields.get("val_digest", "-") not in ("-", digest):
+        findings.append(f"line {row.line}: {row.commit}'s run was scored on validation tokens with digest "
+                        f"{fields['val_digest']}, not the {digest} prepare.py recorded (the validation shard or its "
+                        f"token cache was changed?)")
+    if fields.get("val_opened", "0") not in ("0", "-"):
+        findings.append(f"line {row.line}: {row.commit}'s run read the validation split {fields['val_opened']} time(s) "
+                        f"outside the evaluation (trained on the validation data?)")
+    findings += timing_findings(row, fields, float(fields.get("TIME_BUDGET", expected.get("TIME_BUDGET", 300))))
     return findings
+
+
+def timing_findings(row, fields, budget):
+    """Trained past the budget, on the judge's own clock: the seconds from the training's start to the evaluation
+    against the budget and the run's steps as the judge timed them; or a training the judge could not time."""
+    if fields.get("training", "-") == "-":
+        return [f"line {row.line}: {row.commit}'s training was not timed by the judge: no train loader of prepare's "
+                f"handed out a second batch (trained on data of its own?)"]
+    step, longest = (float(fields[key]) if fields.get(key, "-") != "-" else 0.0 for key in ("step_seconds", "longest_step"))
+    allowed = budget * (1 + TIME_SLACK) + TIME_STEPS * step + longest + TIME_GRACE
+    if float(fields["training"]) <= allowed:
+        return []
+    return [f"line {row.line}: {row.commit} was evaluated {float(fields['training']):.1f}s after its training began; a "
+            f"{budget:g}s budget and its {fields.get('steps', 0)} steps (median {step:.3f}s, longest {longest:.3f}s, "
+            f"on the judge's clock) allow {allowed:.1f}s (trained past the budget?)"]
 
 
 def train_sha256(directory, commit):

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 STALE_TEMPORARY = 3600          # seconds after which another machine's temporary file counts as abandoned
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+VAL_DIGEST = "val_digest.txt"   # in the tokenizer's folder: the validation tokens' digest, recorded by prepare.py
 JUDGE_LOG = "judge.log"         # evaluate_bpb appends a line per evaluation here, in the directory of the run
-JUDGE_SETTINGS = ["EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE"]  # prepare.py's, as the judge ran on them
-JUDGE_FIELDS = ["run", "elapsed", "training", "step_seconds", "training_claimed", "eval_seconds", *JUDGE_SETTINGS,
-                "device", "torch", "replaced"]  # judge.log's key=value fields, after time, sha256, val_bpb, tokens
+JUDGE_LOGGED = ["EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE"]  # prepare.py's settings each line records
+JUDGE_FIELDS = ["run", "elapsed", "training", "steps", "step_seconds", "longest_step", "training_claimed",
+                "eval_seconds", *JUDGE_LOGGED, "device", "torch", "val_digest", "val_opened", "replaced"]
+# judge.log's key=value fields, after time, sha256, val_bpb and tokens
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # judge.log's first field, in UTC
 
 # ---------------------------------------------------------------------------
@@ -106,6 +109,16 @@ def judge_line(sha256, val_bpb, tokens, fields):
     assert list(fields) == JUDGE_FIELDS, f"judge.log's fields are {JUDGE_FIELDS}, not {list(fields)}"
     extra = "".join(f"\t{key}={value}" for key, value in fields.items())
     return f"{datetime.now(timezone.utc).strftime(TIME_FORMAT)}\t{sha256}\t{val_bpb:.6f}\t{tokens}{extra}\n"
+
+
+def recorded_val_digest(tokenizer_dir=os.path.join(CACHE_DIR, "tokenizer")):
+    """The validation tokens' digest prepare.py recorded beside the tokenizer, or None (a cache prepared before it
+    recorded one, or none at all)."""
+    try:
+        with open(os.path.join(tokenizer_dir, VAL_DIGEST), encoding="utf-8") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import is_out_of_memory, make_dataloader, note_training_start, release_memory
+from prepare import is_out_of_memory, make_dataloader, release_memory
 
 COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # CUDA's compiler is Triton
 HUB_TIMEOUT = 3                 # seconds to reach the kernel hub before its kernel is taken from the local cache
@@ -258,8 +258,7 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
     """The largest micro-batch up to `largest` (train.py's DEVICE_BATCH_SIZE) that keeps tokens_per_step exact
     and fits in memory: (size, seconds per micro-step). Says so in one line when it is smaller than `largest`,
     and in one line what the fit cost; exits with one line when not even 1 sequence fits. Leaves CUDA's peak
-    memory reset, so the run reports its own, and tells the judge that training starts now and how long a
-    step takes.
+    memory reset, so the run reports its own.
 
     A probe is forward and backward on the first batch of a train loader of that size (on the model's device), the
     optimizer's step (which allocates its state), then forward and backward again with that state and the
@@ -349,7 +348,6 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
             print(f"Memory fit: micro-batch {b}, {len(probed)} size{'s' * (len(probed) != 1)} probed in "
                   f"{time.time() - t_start:.1f}s{graphs or ''}", flush=True)
             reset_peak_memory(device)
-            note_training_start(tokens_per_step // (b * seq_len) * seconds)  # the judge's record of the start
             return b, seconds
     sys.exit(f"error: not even a micro-batch of 1 sequence of {seq_len} tokens fits in {memory}; "
              f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")

@@ -12,8 +12,10 @@ Downloads come from $HF_ENDPOINT (default https://huggingface.co), so a mirror c
 
 import argparse
 import bisect
+import copy
 import gc
 import hashlib
+import itertools
 import math
 import os
 import pickle
@@ -32,8 +34,9 @@ import requests
 import rustbpe
 import tiktoken
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from files import JUDGE_FIELDS, JUDGE_LOG, judge_line, sweep_temporary_files, write_durably
+from files import CACHE_DIR, JUDGE_LOG, JUDGE_LOGGED, VAL_DIGEST, judge_line, sweep_temporary_files, write_durably
 
 # ---------------------------------------------------------------------------
 # Constants (fixed: they define the benchmark)
@@ -58,7 +61,6 @@ TOKENIZER_DOC_CAP = 10_000      # each document is cut to its first this many ch
 # Where things live and how downloads behave (operational: not part of the benchmark)
 # ---------------------------------------------------------------------------
 
-CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so each run does not re-tokenize them
@@ -69,6 +71,50 @@ RETRY_WAIT = 2                  # seconds after the first failed attempt, doubli
 CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
 DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
 ROUND_TRIP_SAMPLE = "Hello world! 12345 tokens: café, naïve, 東京, 🚀 done."  # a tokenizer must give it back
+
+# ---------------------------------------------------------------------------
+# The judge's own record of the run: which script and process, when training ran, what read the validation data
+# ---------------------------------------------------------------------------
+
+def _script_sha256():
+    """sha256 of the script this process runs (train.py), read when prepare is imported: as the run started."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, TypeError):
+        return "-"
+
+
+RUN_SCRIPT_SHA256 = _script_sha256()
+RUN_ID = uuid.uuid4().hex[:12]  # one per process: the audit counts each run's evaluations
+RUN_STARTED = time.time()       # the judge's own clock, started as the run imports it (train.py's clock is its own)
+# every setting above as imported (names from files.py included): evaluate_bpb puts back whatever a run reassigns
+JUDGE_SETTINGS = {name: copy.deepcopy(value) for name, value in globals().items()
+                  if name.isupper() and not callable(value) and not isinstance(value, type(sys))}
+_VAL_STEM = VAL_FILENAME[:-len(".parquet")]  # in the validation shard's path and in its token cache's
+_judge = dict(
+    evaluating=False,        # inside evaluate_bpb
+    training_started=None,   # when the first train loader that handed out a second batch handed out its first
+    steps=[],                # when each optimizer step of the process ended (the memory fit's probes included)
+    val_opened=0,            # times the validation split was read outside the evaluation
+)
+
+
+def _note_optimizer_step(optimizer, args, kwargs):
+    """torch.optim's global hook, after every step of every optimizer: the judge's own step times."""
+    _judge["steps"].append(time.time())
+
+
+def _note_validation_read(event, args):
+    """Python's audit hook: a file of the validation shard (its parquet file, its token cache) opened by Python
+    code outside the evaluation (pyarrow's own reads are C++ and unseen: list_shards counts those)."""
+    if event == "open" and not _judge["evaluating"] and isinstance(args[0], str) and _VAL_STEM in args[0]:
+        _judge["val_opened"] += 1
+
+
+register_optimizer_step_post_hook(_note_optimizer_step)
+sys.addaudithook(_note_validation_read)  # for the life of the process: no code can take it out
 
 # ---------------------------------------------------------------------------
 # Shards on disk
@@ -91,6 +137,8 @@ def check_parquet(path):
 def list_shards(split):
     """Sorted, checked shard paths of a split: 'val' is the pinned validation shard, 'train' every other one."""
     assert split in ("train", "val"), split
+    if split == "val" and not _judge["evaluating"]:
+        _judge["val_opened"] += 1  # the validation split read by anything but the evaluation: the audit's finding
     names = sorted(f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")) if os.path.isdir(DATA_DIR) else []
     names = [f for f in names if (f == VAL_FILENAME) == (split == "val")]
     if not names:
@@ -112,11 +160,12 @@ def read_row_group(path, row_group):
         sys.exit(f"error: {path} could not be read ({e}); delete it and run `uv run prepare.py` to download it again")
 
 
-def shard_token_slices(path, tokenizer, slice_size=128):
-    """One shard's documents as uint16 token arrays (BOS first), each row group cut into slices of 128.
+def shard_token_groups(path, tokenizer):
+    """Each non-empty row group of a shard as (tokens, doc_lengths): its documents' uint16 tokens end to end, each
+    document BOS first, and their lengths.
 
     Each row group is tokenized once and kept in the token cache, tokens/<tokenizer>/<shard>/<group>.npz,
-    so later runs read tokens instead of re-tokenizing the same text. Same documents, same slices.
+    so later runs read tokens instead of re-tokenizing the same text.
     """
     stem = os.path.basename(path)[:-len(".parquet")]
     cache_dir = os.path.join(TOKENS_DIR, tokenizer.fingerprint, stem)
@@ -129,23 +178,31 @@ def shard_token_slices(path, tokenizer, slice_size=128):
         cache = os.path.join(cache_dir, f"{row_group:05d}.npz")
         num_rows = metadata.row_group(row_group).num_rows
         source[2] = row_group  # and a file copied from another row group is not taken for this one
-        docs = read_token_cache(cache, source, num_rows, tokenizer) if os.path.exists(cache) else None
-        if docs is None:
+        group = read_token_cache(cache, source, num_rows, tokenizer) if os.path.exists(cache) else None
+        if group is None:
             texts = read_row_group(path, row_group)
             docs = tokenizer.encode_arrays(texts, prepend=tokenizer.get_bos_token_id())
-            arrays = dict(source=source, tokens=np.concatenate(docs), doc_lengths=np.array([len(d) for d in docs]))
+            group = np.concatenate(docs), np.array([len(d) for d in docs])
+            arrays = dict(source=source, tokens=group[0], doc_lengths=group[1])
             try:
                 os.makedirs(cache_dir, exist_ok=True)
                 write_durably(cache, lambda f: np.savez(f, **arrays))
             except OSError as e:  # the cache only saves time: a full disk must not stop a run
                 print(f"warning: token cache not written ({e})", file=sys.stderr)
+        yield group
+
+
+def token_slices(groups, slice_size=128):
+    """The documents of row groups (shard_token_groups) as token arrays, in slices of 128 documents."""
+    for tokens, lengths in groups:
+        docs = np.split(tokens, np.cumsum(lengths)[:-1])
         for i in range(0, len(docs), slice_size):
             yield docs[i:i + slice_size]
 
 
 def read_token_cache(cache, source, num_rows, tokenizer):
-    """The cached documents of one row group, or None to tokenize it again: when its shard was replaced, or
-    (with one warning line) when the file cannot be read or does not hold one BOS-led document per row."""
+    """The cached (tokens, doc_lengths) of one row group, or None to tokenize it again: when its shard was replaced,
+    or (with one warning line) when the file cannot be read or does not hold one BOS-led document per row."""
     try:
         with np.load(cache) as saved:
             if not np.array_equal(saved["source"], source):
@@ -160,18 +217,28 @@ def read_token_cache(cache, source, num_rows, tokenizer):
         why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         print(f"warning: token cache {cache} is damaged ({why}); tokenizing its row group again", file=sys.stderr)
         return None
-    return np.split(tokens, starts[1:])
+    return tokens, lengths
+
+
+def validation_digest(groups):
+    """(digest, tokens) of the validation shard's token stream, its row groups as shard_token_groups gives them:
+    sha256 of each group's document lengths and tokens, in order (16 hex digits), and the count of tokens.
+    Independent of MAX_SEQ_LEN and EVAL_TOKENS; about 20 ms for 20 M tokens."""
+    digest, count = hashlib.sha256(), 0
+    for tokens, lengths in groups:
+        digest.update(np.ascontiguousarray(lengths, dtype="<i8"))
+        digest.update(np.ascontiguousarray(tokens, dtype="<u2"))
+        count += len(tokens)
+    return digest.hexdigest()[:16], count
 
 
 def token_batches(tokenizer, split):
     """Endless (documents, epoch): files in sorted order, slices of 128 tokenized documents; epoch from 1."""
     paths = list_shards(split)
-    epoch = 1
-    while True:
+    for epoch in itertools.count(1):
         for path in paths:
-            for docs in shard_token_slices(path, tokenizer):
+            for docs in token_slices(shard_token_groups(path, tokenizer)):
                 yield docs, epoch
-        epoch += 1
 
 # ---------------------------------------------------------------------------
 # Download
@@ -397,6 +464,14 @@ def get_token_bytes(device="cpu"):
     except ValueError as e:
         sys.exit(f"error: {e}; run `uv run prepare.py` to rebuild it")
 
+def record_validation_digest():
+    """Tokenize the validation shard (into the token cache) and record its digest beside the tokenizer, where a night
+    does not write: the morning audit checks the digest of what the judge scored against it."""
+    tokenizer = Tokenizer.from_directory()
+    digest, tokens = validation_digest(shard_token_groups(list_shards("val")[0], tokenizer))
+    write_durably(os.path.join(TOKENIZER_DIR, VAL_DIGEST), lambda f: f.write(f"{digest} {tokens} {VAL_FILENAME}\n".encode()))
+    print(f"Validation: {tokens:,} tokens, digest {digest}")
+
 # ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing, no padding
 # ---------------------------------------------------------------------------
@@ -442,17 +517,22 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
     Each row is T + 1 tokens of whole documents, chosen best-fit from a buffer of `buffer_size`; when no
     document fits the room left, the shortest is cropped to fill the row. Every row starts with BOS.
     The next slices of documents are read (from the token cache, or tokenized) in a background thread
-    while rows are packed.
+    while rows are packed. A train loader also keeps the judge's clock: training began when the first train
+    loader to hand out a second batch handed out its first (the memory fit's probes take one each).
     """
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    stream = token_batches(tokenizer, split)
+    return packed_rows(token_batches(tokenizer, split), B, T, buffer_size, device, prefetch, timed=split == "train")
+
+
+def packed_rows(stream, B, T, buffer_size, device, prefetch, timed=False):
+    """make_dataloader's batches, packed from a stream of (documents, epoch)."""
     executor = ThreadPoolExecutor(max_workers=1)  # one worker: slices are read in order
     pending = deque(executor.submit(next, stream) for _ in range(prefetch))
     buffer = DocumentBuffer()
-    epoch = 1
+    epoch, first = 1, None
     pin = device.type == "cuda"
     try:
-        while True:
+        for handed in itertools.count(1):
             rows = np.empty((B, T + 1), dtype=np.int64)
             for row in rows:
                 pos = 0
@@ -472,6 +552,10 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
             if pin:
                 host = host.pin_memory()
             both = host.to(device, non_blocking=pin)
+            if timed:
+                first = time.time() if first is None else first
+                if handed == 2 and (_judge["training_started"] is None or first < _judge["training_started"]):
+                    _judge["training_started"] = first
             yield both[0], both[1], epoch
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
@@ -489,9 +573,11 @@ def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
     that does not fit in memory is halved and the evaluation started again: the number does not change.
 
     The judge runs on the settings and the code of prepare.py as it was imported: whatever a run reassigned
-    in this module is put back for the evaluation (and restored after), and named in the judge's line.
-    Each result is appended to JUDGE_LOG with the run, its timing (the judge's clock; training_seconds is
-    train.py's claim), the settings used and the device (log_evaluation).
+    in this module (through any name) is put back for the evaluation (and restored after), and named in the
+    judge's line. It loads its own tokenizer (`tokenizer` is train.py's and is not used), reads the whole
+    validation shard's tokens once, scores those and logs their digest. Each result is appended to JUDGE_LOG
+    with the run, the judge's own timing of its training (train loaders and optimizer steps; training_seconds
+    is train.py's claim), the settings, the device, and what read the validation split outside the evaluation.
     """
     t0 = time.time()
     module = globals()
@@ -499,30 +585,44 @@ def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
     replaced += [name for name, value in JUDGE_CODE.items() if module.get(name) is not value]
     swapped = {name: module.get(name) for name in replaced}
     module.update({name: JUDGE_SETTINGS.get(name, JUDGE_CODE.get(name)) for name in replaced})
+    _judge["evaluating"] = True
     try:
+        own_tokenizer = Tokenizer.from_directory()
         device = next(model.parameters()).device
-        val_bpb = _bits_per_byte_fitted(model, tokenizer, batch_size, device)
-        fields = dict(
-            run=RUN_ID, elapsed=f"{t0 - RUN_STARTED:.1f}",
-            training=f"{t0 - _training['started']:.1f}" if _training else "-",
-            step_seconds=f"{_training['step_seconds']:.3f}" if _training else "-",
-            training_claimed="-" if training_seconds is None else f"{training_seconds:.1f}",
-            eval_seconds=f"{time.time() - t0:.1f}", **JUDGE_SETTINGS,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            torch=torch.__version__, replaced=",".join(replaced) or "-")
+        groups = list(shard_token_groups(list_shards("val")[0], own_tokenizer))
+        val_bpb = _bits_per_byte_fitted(model, own_tokenizer, batch_size, device, groups)
+        fields = dict(run=RUN_ID, elapsed=f"{t0 - RUN_STARTED:.1f}", **training_record(t0),
+                      training_claimed="-" if training_seconds is None else f"{training_seconds:.1f}",
+                      eval_seconds=f"{time.time() - t0:.1f}", **{name: JUDGE_SETTINGS[name] for name in JUDGE_LOGGED},
+                      device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                      torch=torch.__version__, val_digest=validation_digest(groups)[0],
+                      val_opened=_judge["val_opened"], replaced=",".join(replaced) or "-")
         log_evaluation(val_bpb, EVAL_TOKENS // MAX_SEQ_LEN * MAX_SEQ_LEN, fields)
         return val_bpb
     finally:
+        _judge["evaluating"] = False
         module.update({name: value for name, value in swapped.items() if value is not None})
 
 
-def _bits_per_byte_fitted(model, tokenizer, batch_size, device):
+def training_record(now):
+    """The judge's timing of the training, as judge.log's fields: seconds from its start (a train loader's first of
+    two batches) to `now`, the optimizer steps since, and their median and longest seconds ("-" where unseen)."""
+    started = _judge["training_started"]
+    if started is None:
+        return dict(training="-", steps=0, step_seconds="-", longest_step="-")
+    ends = [started] + [t for t in _judge["steps"] if started <= t <= now]
+    gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+    return dict(training=f"{now - started:.1f}", steps=len(gaps),
+                step_seconds=f"{gaps[len(gaps) // 2]:.3f}" if gaps else "-", longest_step=f"{gaps[-1]:.3f}" if gaps else "-")
+
+
+def _bits_per_byte_fitted(model, tokenizer, batch_size, device, groups):
     """_bits_per_byte at the largest batch, from batch_size down by halves, that fits in memory."""
     token_bytes = get_token_bytes(device)
     rows = EVAL_TOKENS // MAX_SEQ_LEN
     while True:
         try:
-            return _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device)
+            return _bits_per_byte(model, batch_size, rows, token_bytes, device, groups)
         except Exception as e:
             if batch_size == 1 or not is_out_of_memory(e):
                 raise
@@ -531,8 +631,10 @@ def _bits_per_byte_fitted(model, tokenizer, batch_size, device):
         release_memory(device)
 
 
-def _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device):
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+def _bits_per_byte(model, batch_size, rows, token_bytes, device, groups):
+    """Bits per byte of `rows` rows packed from the validation shard's row groups, read once by the judge."""
+    stream = ((docs, epoch) for epoch in itertools.count(1) for docs in token_slices(groups))
+    loader = packed_rows(stream, batch_size, MAX_SEQ_LEN, 1000, device, prefetch=4)
     nats, nbytes = [], []
     try:
         with torch.no_grad():
@@ -548,30 +650,6 @@ def _bits_per_byte(model, tokenizer, batch_size, rows, token_bytes, device):
     total_nats = sum(t.item() for t in nats)
     total_bytes = sum(t.item() for t in nbytes)
     return total_nats / (math.log(2) * total_bytes)
-
-
-# The judge's own record of the run: which script, which process, its clock
-
-def _script_sha256():
-    """sha256 of the script this process runs (train.py), read when prepare is imported: as the run started."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except (OSError, TypeError):
-        return "-"
-
-
-RUN_SCRIPT_SHA256 = _script_sha256()
-RUN_ID = uuid.uuid4().hex[:12]  # one per process: the audit counts each run's evaluations
-RUN_STARTED = time.time()       # the judge's own clock, started as the run imports it (train.py's clock is its own)
-_training = {}                  # when the training began and its measured seconds per step (note_training_start)
-
-
-def note_training_start(step_seconds):
-    """Called by the memory fit as the clock is about to start: the judge's own record of when training began
-    and how long a step took, against which the audit checks when the evaluation came."""
-    _training.update(started=time.time(), step_seconds=step_seconds)
 
 
 def log_evaluation(val_bpb, tokens, fields):
@@ -602,8 +680,7 @@ def release_memory(device):
         torch.mps.empty_cache()
 
 
-# What the judge is, as prepare.py was imported: evaluate_bpb runs on these whatever a run reassigns here
-JUDGE_SETTINGS = dict(EVAL_TOKENS=EVAL_TOKENS, MAX_SEQ_LEN=MAX_SEQ_LEN, TIME_BUDGET=TIME_BUDGET, VOCAB_SIZE=VOCAB_SIZE)
+# The judge's code as prepare.py was imported: evaluate_bpb runs on these functions whatever a run reassigns here
 JUDGE_CODE = {name: value for name, value in globals().items()
               if callable(value) and getattr(value, "__module__", None) in (__name__, "files")}
 
@@ -631,6 +708,7 @@ def main(argv=None):
         sys.exit(f"error: {len(failed)} shard(s) still failed after {DOWNLOAD_ATTEMPTS} attempts: {', '.join(failed)}; "
                  f"check the network (or HF_ENDPOINT) and run `uv run prepare.py` again (finished shards are kept)")
     train_tokenizer()
+    record_validation_digest()
     print("Done: ready to train with `uv run train.py`")
 
 

@@ -1,16 +1,24 @@
-"""Shared fixtures: tiny climbmix-shaped shards and a tokenizer trained on them, prepare.py pointed at pytest's
-temporary directories, a fake CUDA driver, and one scripted night. Plain helpers are in helpers.py.
+"""Shared fixtures: tiny climbmix-shaped shards and a tokenizer trained on them in the cache the judge reads, caches
+of a test's own, a fake CUDA driver, and one scripted night. Plain helpers are in helpers.py.
 
-Everything lives in pytest's tmp dirs; nothing touches ~/.cache/autoresearch or the network.
+The judge reads prepare.py's folders as they were imported, as a user's run does: so this file names a temporary
+cache in AUTORESEARCH_CACHE_DIR before anything imports prepare, one per test process, and the tiny corpus is
+prepared into it. Everything lives in temporary directories; nothing touches ~/.cache/autoresearch or the network.
 """
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+JUDGE_CACHE = tempfile.mkdtemp(prefix="autoresearch-cache-")  # this test process's cache, as a user names one
+os.environ["AUTORESEARCH_CACHE_DIR"] = JUDGE_CACHE
+atexit.register(shutil.rmtree, JUDGE_CACHE, ignore_errors=True)
 
 from helpers import HEADER, TINY_TRAIN, Agent, FakeCudaDriver, make_project, point_prepare_at, replace_in, \
     set_constants, write_corpus
@@ -18,15 +26,18 @@ import prepare  # noqa: E402  (helpers put the project on sys.path)
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    """A cache dir (data/ + tokenizer/) with 2 training shards, the validation shard and a trained tokenizer."""
-    cache = tmp_path_factory.mktemp("cache")
-    data_dir, tokenizer_dir = str(cache / "data"), str(cache / "tokenizer")
+def tiny_cache():
+    """The judge's cache (data/ + tokenizer/), prepared as prepare.py prepares it: 2 training shards, the validation
+    shard, a trained tokenizer and the validation tokens' digest."""
+    from pathlib import Path
+    cache = Path(JUDGE_CACHE)
+    data_dir, tokenizer_dir = prepare.JUDGE_SETTINGS["DATA_DIR"], prepare.JUDGE_SETTINGS["TOKENIZER_DIR"]
+    assert (data_dir, tokenizer_dir) == (str(cache / "data"), str(cache / "tokenizer"))
     shards = write_corpus(data_dir)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare, "DATA_DIR", data_dir)
-        mp.setattr(prepare, "TOKENIZER_DIR", tokenizer_dir)
+        point_prepare_at(mp, cache)  # as imported, whatever a test pointed them at meanwhile
         prepare.train_tokenizer()
+        prepare.record_validation_digest()
     return SimpleNamespace(dir=cache, data_dir=data_dir, tokenizer_dir=tokenizer_dir, shards=shards)
 
 
@@ -39,7 +50,7 @@ def filled_cache(tiny_cache, tmp_path_factory):
         point_prepare_at(mp, root)
         tokenizer = prepare.Tokenizer.from_directory()
         for path in prepare.list_shards("train"):
-            list(prepare.shard_token_slices(path, tokenizer))
+            list(prepare.shard_token_groups(path, tokenizer))
     return root
 
 
@@ -54,26 +65,43 @@ def nothing_written_where_the_suite_runs():
     assert state() == before, f"a test wrote into {os.getcwd()}: {state()} (was {before})"
 
 
+def prepared_files():
+    """The judge's data and tokenizer files, with their sizes and times: what no test may change."""
+    files = {}
+    for folder in (os.path.join(JUDGE_CACHE, "data"), os.path.join(JUDGE_CACHE, "tokenizer")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            stat = os.stat(os.path.join(folder, name))
+            files[os.path.join(folder, name)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
 @pytest.fixture(autouse=True)
-def no_home_cache(monkeypatch, tmp_path):
-    """Every test starts with prepare's directories (and the judge's log) in its own tmp dir, never
-    ~/.cache/autoresearch or the working directory."""
-    for name in ("DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR"):
-        monkeypatch.setattr(prepare, name, str(tmp_path / "cache" / name.lower()))
-    monkeypatch.setattr(prepare, "JUDGE_LOG", str(tmp_path / "judge.log"))  # not the working directory
+def in_a_folder_of_its_own(monkeypatch, tmp_path):
+    """Every test runs in its own tmp dir, where an evaluation writes judge.log as a run does where it runs, and
+    leaves the judge's prepared data and tokenizer as it found them."""
+    monkeypatch.chdir(tmp_path)
+    before = prepared_files()
+    yield
+    assert prepared_files() == before, "a test changed the judge's cache: give it a cache of its own (own_cache)"
 
 
 @pytest.fixture
-def use_cache(monkeypatch, tiny_cache):
-    """Point prepare at the tiny cache for one test (a token cache of its own)."""
-    monkeypatch.setattr(prepare, "DATA_DIR", tiny_cache.data_dir)
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", tiny_cache.tokenizer_dir)
+def own_cache(monkeypatch, tmp_path):
+    """prepare's folders pointed at an empty cache of the test's own, for what reads them at call time (the download,
+    the tokenizer's training, the loader); the judge keeps the folders it was imported with."""
+    point_prepare_at(monkeypatch, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def use_cache(tiny_cache):
+    """The tiny corpus in the judge's cache, where prepare's folders point as imported."""
     return tiny_cache
 
 
 @pytest.fixture
-def tokenizer(use_cache):
-    return prepare.Tokenizer.from_directory()
+def tokenizer(tiny_cache):
+    return prepare.Tokenizer.from_directory(tiny_cache.tokenizer_dir)
 
 
 @pytest.fixture

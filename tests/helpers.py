@@ -524,13 +524,17 @@ def in_memory_fit():
     return frame is not None
 
 
+def fresh_judge(mp):
+    """The judge's record of the process (its clock, the validation reads) started over, as in a new run."""
+    mp.setattr(prepare, "_judge", dict(evaluating=False, training_started=None, steps=[], val_opened=0))
+
+
 def start_tiny_main(mp, cache, budget=BUDGET):
-    """train.main with the tiny constants, on the CPU, on a clock that only the forward passes move."""
+    """train.main with the tiny constants, on the CPU, on a clock that only the forward passes move, run in the
+    cache's folder (judge.log is written where a run runs: module-scoped runs too, never the working directory)."""
     import machine, train  # importing train.py prints its attention line: only where a test runs it
-    mp.setattr(prepare, "DATA_DIR", cache.data_dir)
-    mp.setattr(prepare, "JUDGE_LOG", os.path.join(cache.dir, "judge.log"))  # module-scoped runs too: never the cwd
-    mp.setattr(prepare, "TOKENIZER_DIR", cache.tokenizer_dir)
-    mp.setattr(prepare, "TOKENS_DIR", os.path.join(cache.dir, "tokens"))  # the session's, as the real runs share it
+    mp.chdir(cache.dir)
+    fresh_judge(mp)
     judge_settings(mp, MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget)
     for name, value in dict(MAX_SEQ_LEN=64, EVAL_TOKENS=2 * 2 * 64, TIME_BUDGET=budget, DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32,
                             DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64, WARMUP_RATIO=0.2,

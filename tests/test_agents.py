@@ -179,9 +179,9 @@ class Night:
             yield from self.sh("git checkout HEAD -- prepare.py", "undo, as the refusal says")
         else:  # Claude Code's rules have no place for it: the human undoes it
             git(self.project, "checkout", "HEAD", "--", "prepare.py")
-            yield from self.sh("git worktree add --detach ../worktrees/w1 HEAD", "a worktree, as parallel/program.md")
-            yield from self.sh('git -C ../worktrees/w1 -c core.hooksPath=/dev/null commit -qam "x"',
-                               "forbidden: a git option slipped into a worktree command")
+            yield from self.sh('git -c core.hooksPath=/dev/null commit -qam "x"', "forbidden: a git option slipped in")
+            yield from self.do(Write("judge.log", "a line of my own\n"), "forbidden: write the judge's log")
+            yield from self.sh("tail -n 1 run.log >> judge.log", "forbidden: append to the judge's log")
 
     def play(self):
         yield from self.sh("git branch --list 'autoresearch/*'", "setup: the tag is free")
@@ -532,8 +532,12 @@ def test_the_forbidden_attempts_are_refused(night):
             assert "denied by your permission settings" in forbidden.pop(label).output
         for label in ("forbidden: install with uv", "forbidden: install with pip"):
             assert re.match(r"Permission to use Bash with command .* has been denied", forbidden.pop(label).output)
-        slipped = forbidden.pop("forbidden: a git option slipped into a worktree command").output
+        slipped = forbidden.pop("forbidden: a git option slipped in").output
         assert guard + "git's own options (-c core.hooksPath=/dev/null)" in slipped
+        assert "denied by your permission settings" in forbidden.pop("forbidden: write the judge's log").output
+        assert re.match(r"Permission to use Bash with command .* has been denied",
+                        forbidden.pop("forbidden: append to the judge's log").output)
+        assert "a line of my own" not in open(os.path.join(night.project, "judge.log")).read()
     else:
         assert model.polls >= 1  # the first run outlasted the command's yield: the model waited within the turn
     assert forbidden == {}

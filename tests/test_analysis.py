@@ -29,6 +29,7 @@ import matplotlib.pyplot
 import pytest
 
 import analysis
+import files
 from files import JudgeRun
 from helpers import GREP, RUN, Agent, branch_made, git, judge_time, replace_in, set_constants
 
@@ -457,7 +458,7 @@ def plant(project, what):
         commit = commit_edit(project, "log", train='\nopen("judge.log", "a").write("")\n')
         lines.append(f"{commit}\t0.500000\t0.0\tkeep\tlog it")
     elif what == "evaluated long after the budget":
-        set_judge_field(project, 0, training="3600.0", step_seconds="0.250")  # what the judge's clock measured
+        set_judge_field(project, 0, training="3600.0", steps="40", step_seconds="0.250", longest_step="0.500")
     elif what == "evaluated twice":
         run = dict(f.split("=", 1) for f in (project / "judge.log").read_text().splitlines()[0].split("\t")[4:])["run"]
         set_judge_field(project, 1, run=run)  # the baseline's second line claims the first run's id
@@ -494,8 +495,9 @@ def plant(project, what):
     ("untracked module", "helper.py: a .py file beside train.py that git does not track (train.py can import it; "
                          "no commit records it)"),
     ("kept diff writing judge.log", "line 9: kept {new} names the judge's log: open(\"judge.log\", \"a\").write(\"\")"),
-    ("evaluated long after the budget", "line 2: {baseline} was evaluated 3600s after its training began; a 1s budget "
-                                        "and its 0.250s steps allow about 65s (trained past the budget?)"),  # 1.25 * (1 + 12 * 0.25) + 60
+    ("evaluated long after the budget", "line 2: {baseline} was evaluated 3600.0s after its training began; a 1s budget "
+                                        "and its 40 steps (median 0.250s, longest 0.500s, on the judge's clock) allow "
+                                        "5.8s (trained past the budget?)"),  # 1 * 1.05 + 13 * 0.25 + 0.5 + 1
     ("two devices", "judge.log: the night ran on 2 devices, whose results do not compare: cpu (lines 2, 3, 7, 8); "
                     "NVIDIA H100 80GB HBM3 (lines 4)"),
     ("evaluated twice", "line 2: {baseline}'s run evaluated 2 times (judge.log lines 1, 2): a run is judged once"),
@@ -594,6 +596,108 @@ def test_a_run_that_cheats_inside_its_process_is_caught(cheating_night, expected
     assert [line.split("\t")[3] for line in lines[5:]] == ["2048", "2048"]  # the judge's own EVAL_TOKENS, twice
 
 
+IMPORTS = "from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader\n"
+EVALUATION = "        val_bpb = evaluate_bpb(model, tokenizer, micro_batch, training_seconds=total_training_time)\n"
+TAMPERINGS = {  # what a kept commit's train.py does, as (old, new) edits, each run for real
+    "settings by other names, trained 4 budgets": [
+        (IMPORTS, IMPORTS + "import sys\nimport prepare as p\n"
+                  "p.VAL_FILENAME = 'shard_00000.parquet'  # a training shard scored, the validation shard trained on\n"
+                  "setattr(sys.modules[evaluate_bpb.__module__], 'TOKENS_DIR', p.TOKENS_DIR + '-mine')\n"),
+        ("            total_training_time += dt\n", "            total_training_time += dt / 4\n")],
+    "the validation tokens rewritten for the evaluation, no memory fit": [
+        (EVALUATION, "        import glob, numpy as np, prepare as p\n"
+                     "        kept = {}\n"
+                     "        for path in glob.glob(os.path.join(p.TOKENS_DIR, '*', 'shard_06542', '*.npz')):\n"
+                     "            kept[path] = open(path, 'rb').read()\n"
+                     "            with np.load(path) as z:\n"
+                     "                a = dict(z)\n"
+                     "            starts = np.cumsum(a['doc_lengths']) - a['doc_lengths']\n"
+                     "            bos = a['tokens'][0]\n"
+                     "            a['tokens'][:] = 300  # one easy token, every document still led by BOS\n"
+                     "            a['tokens'][starts] = bos\n"
+                     "            np.savez(open(path, 'wb'), **a)\n" + EVALUATION +
+                     "        for path, data in kept.items():\n"
+                     "            open(path, 'wb').write(data)\n"),
+        ("    micro_batch, micro_step_seconds = fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx,\n"
+         "                                                      DEVICE_BATCH_SIZE, MAX_SEQ_LEN, TOTAL_BATCH_SIZE)\n",
+         "    micro_batch, micro_step_seconds = DEVICE_BATCH_SIZE, 0.01\n")],
+    "the validation shard rewritten for the evaluation, a few steps on it": [
+        (EVALUATION, "        import shutil, pyarrow as pa, pyarrow.parquet as pq, prepare as p\n"
+                     "        shard = os.path.join(p.DATA_DIR, p.VAL_FILENAME)\n"
+                     "        shutil.copy2(shard, 'kept.parquet')\n"
+                     "        pq.write_table(pa.table({'text': ['a a a a a a a a'] * 600}), shard)\n" + EVALUATION +
+                     "        shutil.copy2('kept.parquet', shard)\n"),
+        ("    x, y, epoch = next(train_loader)  # prefetch first batch\n",
+         "    for _, (x, y, epoch) in zip(range(3), make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, 'val')):\n"
+         "        with autocast_ctx:  # a few batches of the validation split, for a start\n"
+         "            model(x, y).backward()\n"
+         "    x, y, epoch = next(train_loader)  # prefetch first batch\n")],
+}
+
+
+@pytest.fixture(scope="module")
+def tampered_night(night, tmp_path_factory):
+    """A copy of the night, and one kept commit per tampering, each run for real in a cache of its own and logged
+    as kept: (project, the audit's output, {tampering: commit})."""
+    agent, _, _ = night
+    root = tmp_path_factory.mktemp("tampered")
+    project, cache = root / "autoresearch", root / "cache"
+    shutil.copytree(agent.project, project)
+    shutil.copytree(agent.env["AUTORESEARCH_CACHE_DIR"], cache, ignore=shutil.ignore_patterns("tokens-mine"))
+    cheat = Agent(str(project), str(cache))
+    commits = {}
+    for what, edits in TAMPERINGS.items():
+        source = (project / "train.py").read_text()
+        for old, new in edits:
+            replace_in(project / "train.py", old, new)
+        cheat.git("commit", "-qam", f"'{what}'")
+        cheat.sh(RUN)
+        val_bpb = re.search(r"^val_bpb:\s+(\S+)", cheat.sh(GREP), flags=re.M).group(1)
+        commits[what] = cheat.git("rev-parse", "--short=7", "HEAD")
+        with open(project / "results.tsv", "a") as f:
+            f.write(f"{commits[what]}\t{val_bpb}\t0.0\tkeep\t{what}\n")
+        (project / "train.py").write_text(source)  # the next tampering on the night's own train.py
+        cheat.git("commit", "-qam", "'back'")
+    _, out = run_report(str(project / "results.tsv"), "--no-plot")
+    return project, out, commits
+
+
+@pytest.mark.parametrize("what,expected", [
+    ("settings by other names, trained 4 budgets",
+     r"line 9: {commit}'s run replaced the judge's VAL_FILENAME,TOKENS_DIR in prepare \(the judge put it back for "
+     r"the evaluation\)"),
+    ("settings by other names, trained 4 budgets",
+     r"line 9: {commit}'s run read the validation split \d+ time\(s\) outside the evaluation \(trained on the "
+     r"validation data\?\)"),
+    ("settings by other names, trained 4 budgets",
+     r"line 9: {commit} was evaluated [\d.]+s after its training began; a 1s budget and its \d+ steps \(median "
+     r"[\d.]+s, longest [\d.]+s, on the judge's clock\) allow [\d.]+s \(trained past the budget\?\)"),
+    ("the validation tokens rewritten for the evaluation, no memory fit",
+     r"line 10: {commit}'s run was scored on validation tokens with digest [0-9a-f]{{16}}, not the {digest} "
+     r"prepare.py recorded \(the validation shard or its token cache was changed\?\)"),
+    ("the validation shard rewritten for the evaluation, a few steps on it",
+     r"line 11: {commit}'s run was scored on validation tokens with digest [0-9a-f]{{16}}, not the {digest} "
+     r"prepare.py recorded \(the validation shard or its token cache was changed\?\)"),
+    ("the validation shard rewritten for the evaluation, a few steps on it",
+     r"line 11: {commit}'s run read the validation split \d+ time\(s\) outside the evaluation \(trained on the "
+     r"validation data\?\)"),
+])
+def test_each_tampering_of_a_real_run_is_a_finding_that_names_its_commit(tampered_night, what, expected):
+    project, out, commits = tampered_night
+    pattern = expected.format(commit=commits[what], digest=files.recorded_val_digest())
+    assert re.search(rf"^  {pattern}$", out, flags=re.M), out
+
+
+def test_a_run_without_the_memory_fit_is_timed_all_the_same(tampered_night):
+    """The judge's clock is the train loader's: a run that skips the fit (which no longer tells the judge anything)
+    is timed, and within its budget."""
+    project, out, commits = tampered_night
+    commit = commits["the validation tokens rewritten for the evaluation, no memory fit"]
+    assert not re.search(rf"^  line 10: {commit}('s training was not timed| was evaluated)", out, flags=re.M), out
+    fields = analysis.read_judge_log(str(project / "judge.log"))[-2].fields
+    assert fields["training"] != "-" and int(fields["steps"]) > 11
+
+
 # --- the audit's rules, each on its own (hand-written inputs; fast, and what mutation testing reaches) ---------
 
 def row(line, commit, value, status="keep"):
@@ -656,23 +760,37 @@ def test_what_one_judged_run_shows():
     r = row(2, "aaaaaaa", 1.0)
     line = judged(1, "sha", 1.0, run="r1")
     expected = dict(EVAL_TOKENS="2048", MAX_SEQ_LEN="64")
-    run = lambda **fields: dict(run="r1", EVAL_TOKENS="2048", MAX_SEQ_LEN="64", **fields)
-    assert analysis.run_findings(r, run(training="-", step_seconds="-"), [line], expected) == []
-    assert analysis.run_findings(r, run(), [line], expected) == []  # an older line: no timing logged
+    timed = dict(training="300.0", steps="290", step_seconds="1.000", longest_step="2.000")
+    run = lambda **fields: dict(dict(run="r1", EVAL_TOKENS="2048", MAX_SEQ_LEN="64", **timed), **fields)
+    assert analysis.run_findings(r, run(), [line], expected) == []
     assert analysis.run_findings(r, dict(run(), EVAL_TOKENS="128", MAX_SEQ_LEN="32"), [line], expected) == [
         "line 2: aaaaaaa was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128 (not 2048), "
         "MAX_SEQ_LEN 32 (not 64)"]
-    # allowed: 1.25 * (300 + 12 * 1.0) + 60 = 450 s after the training began
-    assert analysis.run_findings(r, run(training="450.0", step_seconds="1.000"), [line], expected) == []
-    assert analysis.run_findings(r, run(training="451.0", step_seconds="1.000"), [line], expected) == [
-        "line 2: aaaaaaa was evaluated 451s after its training began; a 300s budget and its 1.000s steps allow about "
-        "450s (trained past the budget?)"]
+    assert analysis.run_findings(r, run(training="-", steps="0", step_seconds="-", longest_step="-"), [line],
+                                 expected) == [
+        "line 2: aaaaaaa's training was not timed by the judge: no train loader of prepare's handed out a second batch "
+        "(trained on data of its own?)"]
+    # allowed: 300 * 1.05 + 13 * 1.0 + 2.0 + 1 = 331 s after the training began
+    assert analysis.run_findings(r, run(training="331.0"), [line], expected) == []
+    assert analysis.run_findings(r, run(training="331.1"), [line], expected) == [
+        "line 2: aaaaaaa was evaluated 331.1s after its training began; a 300s budget and its 290 steps (median "
+        "1.000s, longest 2.000s, on the judge's clock) allow 331.0s (trained past the budget?)"]
+    # no optimizer step seen: the budget and its slack alone
+    assert analysis.run_findings(r, run(training="316.1", step_seconds="-", longest_step="-"), [line], expected)[0].endswith(
+        "a 300s budget and its 290 steps (median 0.000s, longest 0.000s, on the judge's clock) allow 316.0s (trained "
+        "past the budget?)")
     # the budget: the line's own, else the baseline's prepare.py, else 300
-    assert analysis.run_findings(r, run(training="200.0", step_seconds="1.000", TIME_BUDGET="60"), [line],
-                                 dict(expected, TIME_BUDGET="300"))[-1].endswith(
-        "a 60s budget and its 1.000s steps allow about 150s (trained past the budget?)")
-    assert analysis.run_findings(r, run(training="200.0", step_seconds="1.000"), [line],
-                                 dict(expected, TIME_BUDGET="60"))[-1].endswith(
-        "a 60s budget and its 1.000s steps allow about 150s (trained past the budget?)")
-    assert analysis.run_findings(r, run(training="451.0", step_seconds="1.000"), [line], expected)[0].endswith(
-        "a 300s budget and its 1.000s steps allow about 450s (trained past the budget?)")
+    assert analysis.run_findings(r, run(training="200.0", TIME_BUDGET="60"), [line],
+                                 dict(expected, TIME_BUDGET="300"))[-1].endswith("allow 79.0s (trained past the budget?)")
+    assert analysis.run_findings(r, run(training="200.0"), [line], dict(expected, TIME_BUDGET="60"))[-1].endswith(
+        "allow 79.0s (trained past the budget?)")
+    # the validation data: the digest prepare.py recorded, and reads outside the evaluation
+    assert analysis.run_findings(r, run(val_digest="0123456789abcdef", val_opened="0"), [line], expected,
+                                 "0123456789abcdef") == []
+    assert analysis.run_findings(r, run(val_digest="fedcba9876543210", val_opened="2"), [line], expected,
+                                 "0123456789abcdef") == [
+        "line 2: aaaaaaa's run was scored on validation tokens with digest fedcba9876543210, not the 0123456789abcdef "
+        "prepare.py recorded (the validation shard or its token cache was changed?)",
+        "line 2: aaaaaaa's run read the validation split 2 time(s) outside the evaluation (trained on the validation "
+        "data?)"]
+    assert analysis.run_findings(r, run(val_digest="fedcba9876543210"), [line], expected, None) == []  # none recorded

@@ -26,6 +26,7 @@ from torch._dynamo.testing import CompileCounter
 import machine
 import prepare
 import train
+from helpers import fresh_judge
 
 CUDA = torch.device("cuda")  # as train.get_device() makes it: no index
 
@@ -117,14 +118,14 @@ def fit_on_cuda(driver, tokenizer, monkeypatch, fits_up_to):
     """machine.fit_micro_batch on train.py's CUDA device, the micro-batch 4 of 64 tokens asked for, a GPU on which
     `fits_up_to` sequences fit: (micro-batch, the model, the live allocations whenever the cache was emptied)."""
     monkeypatch.setattr(train, "flash_attn_func", machine.pytorch_attention)
-    monkeypatch.setattr(prepare, "_training", {})  # the judge's record of the start, for this test alone
+    fresh_judge(monkeypatch)
     model = AllocatingGPT(driver, per_sequence=driver.properties.total_memory // (2 * fits_up_to + 1))
     optimizer = model.gpt.setup_optimizer()
     left_at_empty_cache = []
     monkeypatch.setattr(torch._C, "_cuda_emptyCache", lambda: left_at_empty_cache.append(driver.allocated))
     b, seconds = machine.fit_micro_batch(model, optimizer, tokenizer, CUDA, torch.autocast("cpu", enabled=False),
                                          4, 64, 4 * 64)
-    assert seconds > 0 and prepare._training["step_seconds"] == pytest.approx(4 // b * seconds)
+    assert seconds > 0 and prepare._judge["training_started"] is None  # a probe takes one batch: no training
     return b, model, left_at_empty_cache
 
 

@@ -54,7 +54,7 @@ def cache(filled_cache, tmp_path, monkeypatch):
 
 
 def all_tokens(tokenizer, path):
-    return [doc.tolist() for docs in prepare.shard_token_slices(path, tokenizer) for doc in docs]
+    return [doc.tolist() for docs in prepare.token_slices(prepare.shard_token_groups(path, tokenizer)) for doc in docs]
 
 
 def target(root, kind):
@@ -205,7 +205,7 @@ def test_the_real_commands_report_repair_and_run_again(cache, tmp_path):
 # --- durable writes, temporary files, two runs at once -------------------------------------------------------
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps file descriptors to paths through /proc")
-def test_every_final_file_is_synced_before_its_rename(tiny_cache, tmp_path, monkeypatch):
+def test_every_final_file_is_synced_before_its_rename(tiny_cache, own_cache, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -229,11 +229,12 @@ def test_every_final_file_is_synced_before_its_rename(tiny_cache, tmp_path, monk
         server.close()
     prepare.train_tokenizer()
     tokenizer = prepare.Tokenizer.from_directory()
-    list(prepare.shard_token_slices(prepare.list_shards("train")[0], tokenizer))
+    list(prepare.shard_token_groups(prepare.list_shards("train")[0], tokenizer))
+    prepare.record_validation_digest()
     renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "rename"]
     finals = {os.path.basename(dst) for _, _, dst in renames}
     assert {prepare.shard_filename(0), prepare.shard_filename(1), prepare.VAL_FILENAME,
-            "tokenizer.pkl", "token_bytes.pt", "00000.npz"} <= finals
+            "tokenizer.pkl", "token_bytes.pt", "00000.npz", "val_digest.txt"} <= finals
     for i, src, dst in renames:
         assert ("fsync", src) in events[:i], f"{dst} renamed from {src} before it was synced"
         assert not os.path.exists(src)
@@ -277,6 +278,6 @@ def test_two_prepare_runs_at_once_end_with_the_same_shards_and_one_tokenizer(tmp
     data = tmp_path / "cache" / "data"
     assert sorted(os.listdir(data)) == sorted(files)
     assert all((data / name).read_bytes() == body for name, body in files.items())
-    assert sorted(os.listdir(tmp_path / "cache" / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(os.listdir(tmp_path / "cache" / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl", "val_digest.txt"]
     prepare.load_encoding(str(tmp_path / "cache" / "tokenizer" / "tokenizer.pkl"))
     assert not [name for _, _, names in os.walk(tmp_path / "cache") for name in names if re.search(r"\.tmp", name)]

@@ -31,10 +31,9 @@ def assert_same_batches(got, expected):
 
 
 @pytest.fixture
-def small_corpus(tokenizer, tmp_path, monkeypatch):
+def small_corpus(tokenizer, own_cache):
     """Two small training shards: one row group cut into slices 128, 128, 44; row groups of 50 and 20."""
-    data = tmp_path / "data"
-    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    data = own_cache / "data"
     docs = [make_documents(300, seed=7, mean_words=15), make_documents(70, seed=8, mean_words=15)]
     write_shard(str(data / "shard_00000.parquet"), docs[0], row_group_size=300)
     write_shard(str(data / "shard_00001.parquet"), docs[1], row_group_size=50)
@@ -109,10 +108,9 @@ def test_document_buffer_best_fit_rules():
     assert buffer.count == 0 and buffer.lengths == []
 
 
-def test_token_cache_ignores_a_replaced_shard(tokenizer, tmp_path, monkeypatch):
+def test_token_cache_ignores_a_replaced_shard(tokenizer, own_cache):
     """A shard rewritten with other text must be re-tokenized, not served from the old cache."""
-    data = tmp_path / "data"
-    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    data = own_cache / "data"
     write_shard(str(data / prepare.VAL_FILENAME), ["alpha beta gamma"] * 20)
     first = next(prepare.make_dataloader(tokenizer, 2, 16, "val", device="cpu"))[0]
     write_shard(str(data / prepare.VAL_FILENAME), ["one two three four five"] * 30)
@@ -122,16 +120,14 @@ def test_token_cache_ignores_a_replaced_shard(tokenizer, tmp_path, monkeypatch):
     assert not torch.equal(first, second)
 
 
-def test_missing_data_is_a_one_line_error(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "nothing"))
+def test_missing_data_is_a_one_line_error(tokenizer, own_cache):
     with pytest.raises(SystemExit) as e:
         next(prepare.make_dataloader(tokenizer, 2, 16, "train", device="cpu"))
     assert "no train shards" in str(e.value) and "uv run prepare.py" in str(e.value)
 
 
-def test_corrupt_shard_is_named_with_the_fix(tokenizer, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+def test_corrupt_shard_is_named_with_the_fix(tokenizer, own_cache):
+    data = own_cache / "data"
     write_shard(str(data / "shard_00000.parquet"), ["fine text"] * 10)
     (data / "shard_00001.parquet").write_bytes(b"PAR1 this is not a parquet file")
     with pytest.raises(SystemExit) as e:

@@ -118,7 +118,7 @@ def test_cli_downloads_through_hf_endpoint_and_trains_the_tokenizer(tmp_path):
     assert f"Cache directory: {tmp_path / 'cache'}" in result.stdout
     assert "Data: 3/3 shards ready" in result.stdout and "Tokenizer: 8192 tokens trained" in result.stdout
     assert sorted(os.listdir(tmp_path / "cache" / "data")) == sorted(files)
-    assert sorted(os.listdir(tmp_path / "cache" / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(os.listdir(tmp_path / "cache" / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl", "val_digest.txt"]
 
 
 # --- retry waits and the moment a shard gets its name --------------------------------------------------------

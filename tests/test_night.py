@@ -37,7 +37,9 @@ from night import hooks  # as the package path mutmut names it: night.hooks
 NIGHT = os.path.join(ROOT, "night")
 HOOKS = os.path.join(NIGHT, "hooks.py")
 with open(os.path.join(NIGHT, "claude-settings.json")) as f:
-    SETTINGS = json.load(f)
+    SETTINGS = json.load(f)  # a one-GPU night's
+with open(os.path.join(ROOT, "parallel", "claude-settings.json")) as f:
+    PARALLEL_SETTINGS = json.load(f)  # a parallel night's: the same, and the worktrees, SkyPilot, the clusters' logs
 REFUSED_PREPARE = ("refused: this commit would record prepare.py; a night changes only train.py (undo the rest "
                    "with `git checkout HEAD -- prepare.py`)\n")
 PYTHON_FIRST = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # git's hooks run `python3`: this one
@@ -430,10 +432,10 @@ EXAMPLE = {"<tag>": "nov23", "<gpu>": "H100", "<i>": "1", "<id>": "w1-2", "<comm
 COMMAND_WORDS = {"git", "uv", "grep", "tail", "cat", "mkdir", "scp", "sky", "sha256sum"}
 
 
-def protocol_commands():
-    """Every command program.md and parallel/program.md show, in code blocks or inline, placeholders filled in."""
+def protocol_commands(*names):
+    """Every command the named protocols show, in code blocks or inline, placeholders filled in."""
     commands = set()
-    for name in ("program.md", "parallel/program.md"):
+    for name in names:
         with open(os.path.join(ROOT, name)) as f:
             text = f.read()
         inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
@@ -475,12 +477,12 @@ def rule_regex(pattern, path=False):
     return re.compile(out)
 
 
-def rules(kind, tool):
-    found = [re.fullmatch(rf"{tool}\((.*)\)", r) for r in SETTINGS["permissions"][kind]]
+def rules(kind, tool, settings=SETTINGS):
+    found = [re.fullmatch(rf"{tool}\((.*)\)", r) for r in settings["permissions"][kind]]
     return [m.group(1).replace(":*", " *") for m in found if m]
 
 
-def edit_allowed(path):
+def edit_allowed(path, settings=SETTINGS):
     """An edit of `path` (relative to the project, or absolute) under the Edit rules, as Claude Code reads them
     for `claude --settings night/claude-settings.json` started in the project (measured with the real binary):
     `//x` is absolute, `./x` and `x` relative to the project, `/x` relative to the settings file's folder."""
@@ -495,30 +497,53 @@ def edit_allowed(path):
         else:
             anchored = os.path.join(project, pattern[2:] if pattern.startswith("./") else pattern)
         return rule_regex(anchored, path=True).fullmatch(target)
-    return any(matches(p) for p in rules("allow", "Edit")) and not any(matches(p) for p in rules("deny", "Edit"))
+    return (any(matches(p) for p in rules("allow", "Edit", settings))
+            and not any(matches(p) for p in rules("deny", "Edit", settings)))
 
 
-def command_allowed(command):
+def command_allowed(command, settings=SETTINGS):
     """A command line under the Bash rules: every part allowed, none denied, every redirect target editable."""
     for part in split(command):
         part = re.sub(r"^(timeout \S+|time|nice|nohup|stdbuf( -\S+)*) ", "", part)
-        if any(rule_regex(p).fullmatch(part) for p in rules("deny", "Bash")):
+        if any(rule_regex(p).fullmatch(part) for p in rules("deny", "Bash", settings)):
             return False
-        if not any(rule_regex(p).fullmatch(part) for p in rules("allow", "Bash")):
+        if not any(rule_regex(p).fullmatch(part) for p in rules("allow", "Bash", settings)):
             return False
         for target in re.findall(r"(?<![0-9&])>>?\s*([^\s&>]+)", part):
-            if not edit_allowed(target):
+            if not edit_allowed(target, settings):
                 return False
     return True
 
 
 def test_every_command_of_the_protocol_is_allowed():
-    commands = protocol_commands()
+    commands = protocol_commands("program.md")
     assert "uv run train.py > run.log 2>&1" in commands and "uv run analysis.py --decide" in commands
-    assert any(c.startswith("sky exec ar-nov23-1 parallel/sky.yaml") for c in commands) and len(commands) > 30
     assert [c for c in commands if not command_allowed(c)] == []
-    assert edit_allowed("train.py") and edit_allowed("/home/you/worktrees/w1-2/train.py")  # the agent's edits
-    assert edit_allowed("results.tsv")
+    assert edit_allowed("train.py") and edit_allowed("results.tsv")  # the agent's edits
+    commands = protocol_commands("program.md", "parallel/program.md")
+    assert any(c.startswith("sky exec ar-nov23-1 parallel/sky.yaml") for c in commands) and len(commands) > 30
+    assert [c for c in commands if not command_allowed(c, PARALLEL_SETTINGS)] == []
+    assert edit_allowed("/home/you/worktrees/w1-2/train.py", PARALLEL_SETTINGS)
+
+
+def test_a_one_gpu_night_never_writes_the_judges_log():
+    """The judge's line is the run's own: no rule of a one-GPU night lets the agent edit, append to or copy into it
+    (a parallel night must copy the clusters' lines in, and its settings allow that alone)."""
+    for command in ("cat logs/w1-2.judge.log >> judge.log", "grep x run.log > judge.log", "tail -n 1 run.log >> judge.log",
+                    "uv run train.py > judge.log 2>&1"):
+        assert not command_allowed(command), command
+    assert not edit_allowed("judge.log") and not edit_allowed("logs/w1-2.judge.log")
+    assert command_allowed("cat logs/w1-2.judge.log >> judge.log", PARALLEL_SETTINGS)
+
+
+def test_the_parallel_settings_are_a_one_gpu_night_s_and_the_parallel_rules():
+    """One file per night, and the parallel one holds every rule of the one-GPU one (the judge's log aside)."""
+    one, parallel = SETTINGS["permissions"], PARALLEL_SETTINGS["permissions"]
+    assert set(one["allow"]) < set(parallel["allow"])
+    assert set(one["deny"]) - {"Edit(./judge.log)"} < set(parallel["deny"]) and "Edit(./judge.log)" in parallel["allow"]
+    assert {k: v for k, v in SETTINGS.items() if k != "permissions"} == (
+        {k: v for k, v in PARALLEL_SETTINGS.items() if k != "permissions"})
+    assert one["defaultMode"] == parallel["defaultMode"] and parallel["additionalDirectories"] == ["../worktrees"]
 
 
 @pytest.mark.parametrize("command", [
@@ -528,13 +553,13 @@ def test_every_command_of_the_protocol_is_allowed():
     "uv run train.py > run.log 2>&1 && git push", "git commit -am x; curl https://example.com",
 ])
 def test_forbidden_commands_are_not_allowed(command):
-    assert not command_allowed(command)
+    assert not command_allowed(command) and not command_allowed(command, PARALLEL_SETTINGS)
 
 
 @pytest.mark.parametrize("path", ["prepare.py", "machine.py", "uv.lock", "program.md", "night/hooks.py",
                                   "night/claude-settings.json", "/home/you/worktrees/w1-2/prepare.py"])
 def test_edits_of_the_other_files_are_denied(path):
-    assert not edit_allowed(path)
+    assert not edit_allowed(path) and not edit_allowed(path, PARALLEL_SETTINGS)
 
 
 def test_no_rule_is_anchored_at_the_settings_folder():
@@ -562,7 +587,8 @@ DOCUMENTED = {  # Claude Code's settings keys used here, as its documentation an
 }
 
 
-def test_the_settings_use_the_documented_keys_and_rules():
+@pytest.mark.parametrize("SETTINGS", [SETTINGS, PARALLEL_SETTINGS], ids=["one GPU", "parallel"])
+def test_the_settings_use_the_documented_keys_and_rules(SETTINGS):
     assert set(SETTINGS) <= DOCUMENTED["top"] and set(SETTINGS["permissions"]) <= DOCUMENTED["permissions"]
     assert SETTINGS["permissions"]["defaultMode"] == "dontAsk"  # no prompts, and it works as root
     for kind in ("allow", "deny"):

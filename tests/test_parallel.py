@@ -24,12 +24,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
 
 import pytest
 import yaml
 
 import analysis
+from files import judge_line, recorded_val_digest
 from helpers import ROOT, TINY_PREPARE, code_lines, git, one_command, set_constants, ShardServer
 
 with open(os.path.join(ROOT, "parallel", "program.md")) as f:
@@ -256,10 +256,11 @@ def record(repo, id, commit, sha, val_bpb, cluster_home):
     run_dir = os.path.join(cluster_home, "autoresearch-runs", id)
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "judge.log"), "w") as f:  # what the judge on the cluster wrote
-        f.write(f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}\t{sha}\t{val_bpb:.6f}\t2048\trun={id}\t"
-                f"elapsed=8.0\ttraining=1.6\tstep_seconds=0.040\ttraining_claimed=1.0\teval_seconds=0.5\t"
-                f"EVAL_TOKENS=2048\tMAX_SEQ_LEN=64\tTIME_BUDGET={TINY_PREPARE['TIME_BUDGET']}\tVOCAB_SIZE=8192\t"
-                f"device=NVIDIA H100 80GB HBM3\ttorch=2.9.1+cu128\treplaced=-\n")  # the tiny project's settings
+        f.write(judge_line(sha, val_bpb, 2048, dict(  # the tiny project's settings
+            run=id, elapsed="8.0", training="1.6", steps=30, step_seconds="0.040", longest_step="0.050",
+            training_claimed="1.0", eval_seconds="0.5", EVAL_TOKENS=2048, MAX_SEQ_LEN=64,
+            TIME_BUDGET=TINY_PREPARE["TIME_BUDGET"], VOCAB_SIZE=8192, device="NVIDIA H100 80GB HBM3",
+            torch="2.9.1+cu128", val_digest=recorded_val_digest(), val_opened=0, replaced="-")))
     copy_judge_file(repo, id, cluster_home)
     out = sh(fill(protocol_command("grep -o \"val_bpb"), id=id), repo)
     return float(re.search(r"val_bpb:\s*(\S+)", out).group(1))

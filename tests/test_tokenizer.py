@@ -19,6 +19,8 @@ import torch
 import prepare
 from helpers import make_documents, write_shard
 
+pytestmark = pytest.mark.usefixtures("own_cache")  # what prepare.py trains and writes, in a cache of its own
+
 
 def test_vocabulary_and_special_tokens(tokenizer):
     enc = tokenizer.enc
@@ -31,8 +33,8 @@ def test_vocabulary_and_special_tokens(tokenizer):
     assert tokenizer.encode("<|reserved_1|>") != [8189]  # ordinary encoding: special text is just text
 
 
-def test_token_bytes_are_utf8_lengths_of_decoded_tokens(tokenizer):
-    token_bytes = prepare.get_token_bytes()
+def test_token_bytes_are_utf8_lengths_of_decoded_tokens(tokenizer, tiny_cache):
+    token_bytes = prepare.load_token_bytes(os.path.join(tiny_cache.tokenizer_dir, "token_bytes.pt"))
     enc = tokenizer.enc
     assert token_bytes.dtype == torch.int32 and token_bytes.shape == (8192,)
     partial = 0

@@ -26,7 +26,7 @@ SCOPE = {  # module: functions and classes (every method) whose mutants are run
               "machine": ["pytorch_attention", "sliding_window_block_mask"]},
     "optimizer": {"train": ["adamw_step", "muon_step", "MuonAdamW"]},
     "schedules": {"train": ["get_lr_multiplier", "get_muon_momentum", "get_weight_decay"]},
-    "loader": {"prepare": ["DocumentBuffer", "make_dataloader", "token_batches", "shard_token_slices"]},
+    "loader": {"prepare": ["DocumentBuffer", "make_dataloader", "token_batches", "shard_token_groups", "token_slices", "packed_rows"]},
     "metric": {"prepare": ["evaluate_bpb", "_bits_per_byte_fitted", "_bits_per_byte", "get_token_bytes"]},
     "decision": {"analysis": ["Experiment", "experiments", "noise_floor", "t_cdf", "t_quantile", "decide",
                               "chain_of_keeps", "decide_commit"]},
