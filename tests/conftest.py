@@ -111,8 +111,35 @@ def fake_cuda(monkeypatch):
     if not torch.backends.cuda.is_built():
         pytest.skip("this torch is built without CUDA: torch.cuda's wrappers refuse before the driver")
     if torch.cuda.is_available():
-        pytest.skip("a real GPU is here: the GPU check runs these lines for real")
+        pytest.skip("a real GPU is here: the fake driver stands in for allocations and kernels this test makes up")
     return FakeCudaDriver().install(monkeypatch)
+
+
+class RealCudaDriver:
+    """The GPU itself, for the CUDA tests that allocate nothing: its memory and the process's fraction of it
+    (put back after the test), answered by the real driver (the GPU check runs them; DEVELOPERS.md)."""
+
+    def __init__(self):
+        self.properties = torch.cuda.get_device_properties(0)
+        self.restore = torch.cuda.get_per_process_memory_fraction(0)
+
+    def set_fraction(self, fraction):
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+
+
+@pytest.fixture
+def cuda_driver(monkeypatch):
+    """The real driver where a GPU is here, else the fake one: for the CUDA tests that allocate nothing."""
+    if torch.cuda.is_available():
+        driver = RealCudaDriver()
+        yield driver
+        torch.cuda.set_per_process_memory_fraction(driver.restore, 0)
+        return
+    if not torch.backends.cuda.is_built():
+        pytest.skip("this torch is built without CUDA: torch.cuda's wrappers refuse before the driver")
+    driver = FakeCudaDriver().install(monkeypatch)
+    driver.set_fraction = lambda fraction: setattr(driver, "fraction", fraction)
+    yield driver
 
 
 NIGHT_CACHE = os.environ.get("AUTORESEARCH_NIGHT_CACHE")  # tools/mutation.py: one night for every mutant's run

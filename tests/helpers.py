@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
@@ -30,6 +31,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402
+
+# --- the tools a test needs that a machine may lack: missing, the test fails, unless the opt-out names them ------
+
+AGENTS_BIN = os.path.join(ROOT, "night", "node_modules", ".bin")
+TOOLS = {  # name: (where it is, or None; how to get it)
+    "claude": (lambda: shutil.which("claude", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Claude Code"),
+    "codex": (lambda: shutil.which("codex", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Codex"),
+    "uv": (lambda: os.environ.get("UV") or shutil.which("uv"), "`pip install uv`"),
+    "g++": (lambda: shutil.which("g++"), "a C++ compiler for inductor (`apt-get install g++`)"),
+}
+TOOLS_OPT_OUT = "AUTORESEARCH_TESTS_WITHOUT"  # e.g. "claude,codex": their tests skip, and the summary says why
+
+
+def require(tool):
+    """The tool's path. Where it is missing the test fails with how to get it, unless TOOLS_OPT_OUT names it: then
+    it skips, with the reason in pytest's summary (-rs)."""
+    where, how = TOOLS[tool]
+    if path := where():
+        return path
+    message = f"{tool} is missing: {how}"
+    if tool in re.split(r"[,\s]+", os.environ.get(TOOLS_OPT_OUT, "")):
+        pytest.skip(f"{message} ({TOOLS_OPT_OUT} names it)")
+    pytest.fail(f"{message}; or set {TOOLS_OPT_OUT}={tool} to skip the tests that need it", pytrace=False)
 
 
 def git(directory, *args, env=None):
@@ -188,6 +212,17 @@ PROJECT_FILES = ["train.py", "prepare.py", "machine.py", "files.py", "analysis.p
                  "uv.lock", ".python-version", ".gitignore"]
 
 
+def parameters_M(depth, aspect_ratio, head_dim, vocab=8192):
+    """The summary's num_params_M for train.py's constants, worked out from the architecture, not from train.py:
+    width depth * aspect rounded up to whole heads; per layer q, k, v and the projection (4 C^2) and the MLP
+    (8 C^2); the token embedding, lm_head and a value embedding on every other layer (V C each, the last layer
+    included); a 32 -> heads gate per value embedding; two scalars a layer."""
+    width = -(-depth * int(aspect_ratio) // int(head_dim)) * int(head_dim)
+    heads, value_layers = width // int(head_dim), (depth + 1) // 2
+    total = (2 + value_layers) * vocab * width + depth * 12 * width**2 + value_layers * 32 * heads + 2 * depth
+    return f"{total / 1e6:.1f}"
+
+
 def set_constants(path, **values):
     """Edit UPPER_CASE assignments the way an agent does: the value changes, the inline comment stays."""
     with open(path) as f:
@@ -221,6 +256,38 @@ def code_lines(markdown):
     """The lines of a markdown text's fenced code blocks, each block dedented."""
     return [line for block in re.findall(r"```\n(.*?)```", markdown, flags=re.S)
             for line in textwrap.dedent(block).splitlines()]
+
+
+EXAMPLE = {"<tag>": "nov23", "<gpu>": "H100", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3",
+           "<base>": "HEAD", "<sha256>": "0" * 64, "<description>": "an idea", "<what you tried>": "an idea"}
+COMMAND_WORDS = {"git", "uv", "grep", "tail", "cat", "mkdir", "scp", "sky", "sha256sum"}
+FORBIDDEN_COMMANDS = [  # what no night's settings may let through
+    "uv add numpy", "uv sync", "uv lock --upgrade", "uv pip install x", "uv run --with numpy train.py",
+    "pip install x", "python -m pip install x", "git push", "git push origin autoresearch/nov23",
+    "sed -i 's/300/600/' prepare.py", "echo 'TIME_BUDGET = 600' >> prepare.py", "rm -rf .git",
+    "uv run train.py > run.log 2>&1 && git push", "git commit -am x; curl https://example.com",
+    "curl -s https://example.com", "python3 -c 'open(\"machine.py\", \"a\").write(\"#\")'",
+]
+JUDGE_LOG_WRITES = [  # what a one-GPU night's settings may not let through: the judge's log is the run's own
+    "cat logs/w1-2.judge.log >> judge.log", "grep x run.log > judge.log", "tail -n 1 run.log >> judge.log",
+    "uv run train.py > judge.log 2>&1",
+]
+
+
+def protocol_commands(*names):
+    """Every command the named protocols (program.md, parallel/program.md) show, in code blocks or inline,
+    placeholders filled in."""
+    commands = set()
+    for name in names:
+        with open(os.path.join(ROOT, name)) as f:
+            text = f.read()
+        inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for command in code_lines(text) + inline:
+            if command.split()[0] in COMMAND_WORDS and len(command.split()) > 1:  # not a bare `sky`
+                for key, value in EXAMPLE.items():
+                    command = command.replace(key, value)
+                commands.add(command)
+    return sorted(commands)
 
 
 def one_command(lines, prefix, where):
@@ -266,15 +333,13 @@ class Agent:
         self.project = project
         self.env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), UV_NO_SYNC="1", UV_FROZEN="1",
                         UV_PROJECT_ENVIRONMENT=sys.prefix)  # the already-synced environment, left untouched
-        self.uv = os.environ.get("UV") or shutil.which("uv")
+        self.uv = require("uv")
         self.logs = []  # (description, exit status, run.log) of every training run, for tests of the run itself
 
     def sh(self, cmd, check=True):
         return self.run(cmd, check).stdout
 
     def run(self, cmd, check=True):
-        if cmd.startswith("uv run ") and not self.uv:
-            cmd = f"{sys.executable} {cmd[len('uv run '):]}"  # the same command without uv on PATH
         result = subprocess.run(cmd, shell=True, cwd=self.project, env=self.env, capture_output=True, text=True,
                                 timeout=600)
         assert not check or result.returncode == 0, f"{cmd}\n{result.stdout}\n{result.stderr}"

@@ -9,7 +9,8 @@ idea kept, one discarded and reset, a crash fixed and amended, every decision by
 attempts; then the end of a turn, the keep-going rule sending the agent back, one more experiment, and a STOP
 file ending the night. What is asserted is what the binary did: the tool results it sent back, git, the ledger.
 
-Without the binaries these tests skip, with the command that installs them; under CI they fail instead.
+Without the binaries (or uv) these tests fail, with the command that installs them, unless
+AUTORESEARCH_TESTS_WITHOUT names them (helpers.require).
 
     uv run pytest tests/test_agents.py
 """
@@ -28,22 +29,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import HEADER, ROOT, git, make_project
+from helpers import FORBIDDEN_COMMANDS, HEADER, JUDGE_LOG_WRITES, ROOT, git, make_project, protocol_commands, require
 
 NIGHT = os.path.join(ROOT, "night")
-BIN = os.path.join(NIGHT, "node_modules", ".bin")
 TAG = "dec1"
 KEEP_GOING = "The night goes on"  # the start of night/hooks.py's instruction
 
 
 def agent_binary(name):
-    path = os.path.join(BIN, name)
-    if os.path.exists(path):
-        return path
-    message = f"{path} is missing: `npm ci --prefix night` installs the pinned agents (night/package.json)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require("uv")  # the night's commands run `uv run`
+    return require(name)
 
 
 # --- what the scripted model does, whichever agent carries it out ----------------------------------------------
@@ -432,17 +427,18 @@ def project_for(agent, tmp):
     return project, env
 
 
-def play(agent, tmp):
-    """(the Night, the server, the agent's exit status and output) of one night played through the real binary."""
+def play(agent, tmp, settings="night/claude-settings.json", sweep=None):
+    """(the Night, the server, the agent's exit status and output) of one night played through the real binary;
+    or, given `sweep` ([(label, action)]), of those actions sent one by one (Claude Code) on a night's branch."""
     binary = agent_binary(agent)
     project, env = project_for(agent, tmp)
-    night = Night(project, agent)
+    night = Night(project, agent) if sweep is None else Sweep(project, agent, sweep, env)
     if agent == "claude":
         model = AnthropicModel(night)
         env.update(ANTHROPIC_BASE_URL=f"http://127.0.0.1:{model.port}", ANTHROPIC_API_KEY="scripted",
                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
         command = [binary, "-p", f"Read program.md and let's set up a new run; the tag is {TAG}.", "--settings",
-                   "night/claude-settings.json", "--output-format", "stream-json", "--verbose"]
+                   settings, "--output-format", "stream-json", "--verbose"]
     else:
         model = ResponsesModel(night)
         codex_home = tmp / "codex-home"
@@ -475,6 +471,72 @@ def play(agent, tmp):
 @pytest.fixture(scope="module", params=["claude", "codex"])
 def night(request, tmp_path_factory):
     return play(request.param, tmp_path_factory.mktemp(request.param))
+
+
+class Sweep(Night):
+    """Commands and edits sent through the binary one by one, on a throwaway copy of a night's project (a night's
+    branch, prepare.py a stand-in). What the binary allows, it runs: `sky`, `scp` and `curl` are stubs first on PATH,
+    the hub and the package indexes on a closed loopback port."""
+
+    def __init__(self, project, agent, actions, env):
+        super().__init__(project, agent)
+        self.actions = actions
+        shutil.copytree(os.path.join(ROOT, "parallel"), os.path.join(project, "parallel"))
+        with open(os.path.join(project, "prepare.py"), "w") as f:
+            f.write('print("prepared")\n')
+        git(project, "add", "-A")
+        git(project, "commit", "-qm", "a stand-in prepare.py, the parallel night's files")
+        git(project, "commit", "-q", "--allow-empty", "-m", "an idea, for the sweep's amend and reset")
+        git(project, "checkout", "-q", "-b", f"autoresearch/{TAG}")
+        stubs = os.path.join(os.path.dirname(project), "stubs")
+        os.makedirs(stubs)
+        for name in ("sky", "scp", "curl"):
+            with open(os.path.join(stubs, name), "w") as f:
+                f.write(f"#!/bin/sh\necho \"stub {name} $*\"\n")
+            os.chmod(os.path.join(stubs, name), 0o755)
+        env.update(PATH=f"{stubs}:{env['PATH']}", HF_ENDPOINT="http://127.0.0.1:9", UV_OFFLINE="1",
+                   PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple")
+
+    def play(self):
+        for label, action in self.actions:
+            yield from self.do(action, label)
+        yield from self.do(Say("That was every command."), "end of the sweep")
+
+
+REFUSED = re.compile(r"has been denied|denied by your permission settings|\brefused: ")
+PARALLEL_ONLY = ("sky ", "scp ", "git worktree ", "git -C ", "mkdir ", "sha256sum", "cat logs/")  # a parallel night's
+SWEEPS = {  # the settings, the protocols whose commands they allow
+    "one GPU": ("night/claude-settings.json", ["program.md"]),
+    "parallel": ("parallel/claude-settings.json", ["program.md", "parallel/program.md"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(SWEEPS))
+def sweep(request, tmp_path_factory):
+    """Every command of the protocols, every forbidden command and edit, through the real Claude Code with a night's
+    settings: ({label: expected "allowed" or "refused"}, {label: what the binary returned})."""
+    settings, protocols = SWEEPS[request.param]
+    allowed = protocol_commands(*protocols)
+    refused = FORBIDDEN_COMMANDS + [c for c in protocol_commands("parallel/program.md") if c not in allowed
+                                    and c.startswith(PARALLEL_ONLY)] + (JUDGE_LOG_WRITES if request.param == "one GPU" else [])
+    edits = {path: path in ("train.py", "results.tsv") or (path == "judge.log" and request.param == "parallel")
+             for path in ("train.py", "results.tsv", "judge.log", "prepare.py", "machine.py", "pyproject.toml",
+                          "night/hooks.py", "parallel/claude-settings.json")}
+    actions = [(f"allowed: {c}", Shell(c)) for c in allowed] + [(f"refused: {c}", Shell(c)) for c in refused]
+    actions += [(f"{'allowed' if ok else 'refused'}: write {path}", Write(path, "# written\n")) for path, ok in edits.items()]
+    night, model, result = play("claude", tmp_path_factory.mktemp("sweep"), settings, actions)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {label: label.split(":")[0] for label, _ in actions}, {s.label: s.result for s in night.steps[:-1]}
+
+
+def test_claude_code_runs_every_command_of_the_protocol_and_refuses_the_rest(sweep):
+    """The binary is the reference for the settings (tests/test_night.py's matcher is a fast copy of its rules):
+    each allowed command ran (it may fail, as `git merge --ff-only abc1234` does, but nothing refused it), each
+    forbidden command and edit was refused, by a rule or by the guard."""
+    expected, results = sweep
+    assert set(results) == set(expected) and len(results) > 40
+    got = {label: "refused" if REFUSED.search(result.output) else "allowed" for label, result in results.items()}
+    assert {label: got[label] for label in expected if got[label] != expected[label]} == {}
 
 
 def steps(night, label):
@@ -513,11 +575,14 @@ def test_the_decisions_the_ledger_and_git_are_what_program_md_says(night):
 
 
 def test_the_keep_going_rule_sends_the_agent_back_and_stop_ends_it(night):
+    """Sent back once at the end of a turn; after the final answer, with STOP there, the binary asks the model
+    nothing more: a keep-going rule that ignored STOP would send it back, and its next request would be answered."""
     night, model, result = night
     said = steps(night, "end of a turn")[0]
     assert said.result is not None and KEEP_GOING in said.result.prompt
     assert "a crash, logged" in night.ledger  # an experiment after being sent back
-    assert "STOP found: the night ends here" in result.stderr or night.agent == "claude"
+    final = night.steps[-1]
+    assert final.label == "end of the night" and final.result is None and not model.done  # no request after it
 
 
 def test_the_forbidden_attempts_are_refused(night):
@@ -543,6 +608,17 @@ def test_the_forbidden_attempts_are_refused(night):
     assert forbidden == {}
     for name in ("prepare.py", "machine.py", "pyproject.toml", "uv.lock"):
         assert git(night.project, "diff", "HEAD", "--", name) == "" and git(night.project, "diff", "main", "HEAD", "--", name) == ""
+
+
+@pytest.mark.parametrize("agent,package", [("claude", "@anthropic-ai/claude-code"), ("codex", "@openai/codex")])
+def test_the_binaries_are_the_pinned_releases(agent, package):
+    """What night/README.md says was verified: each binary's own --version is the release night/package.json pins."""
+    with open(os.path.join(NIGHT, "package.json")) as f:
+        pinned = json.load(f)["devDependencies"][package]
+    result = subprocess.run([agent_binary(agent), "--version"], capture_output=True, text=True, timeout=60)
+    assert re.findall(r"\d+\.\d+\.\d+", result.stdout) == [pinned], result.stdout + result.stderr
+    with open(os.path.join(NIGHT, "README.md")) as f:
+        assert pinned in f.read()
 
 
 def test_a_failed_first_codex_turn_ends_the_night_with_its_status(tmp_path):

@@ -31,25 +31,41 @@ from helpers import fresh_judge
 CUDA = torch.device("cuda")  # as train.get_device() makes it: no index
 
 
-def test_train_pys_device_has_no_index_and_its_memory_limit_is_the_gpus_share(fake_cuda):
-    fake_cuda.fraction = 0.25
+# --- on the fake driver here, on the real one in the GPU check: nothing is allocated -------------------------
+
+def test_train_pys_device_has_no_index_and_its_memory_limit_is_the_gpus_share(cuda_driver):
+    cuda_driver.set_fraction(0.25)
     device = train.get_device()
     assert device == CUDA and device.index is None
-    assert machine.memory_limit(device) == 80 * 2**30 * 0.25
-    assert machine.memory_limit(torch.device("cuda:0")) == 80 * 2**30 * 0.25
-    assert "getMemoryFraction" in fake_cuda.calls and "getDeviceProperties" in fake_cuda.calls
+    assert machine.memory_limit(device) == cuda_driver.properties.total_memory * 0.25
+    assert machine.memory_limit(torch.device("cuda:0")) == cuda_driver.properties.total_memory * 0.25
 
 
-def test_torchs_fraction_wrapper_refuses_a_device_without_an_index(fake_cuda):
-    """What train.py's device met before the fix: the fake refuses nothing here, torch's wrapper does."""
+def test_torchs_fraction_wrapper_refuses_a_device_without_an_index(cuda_driver):
+    """What train.py's device met before the fix: torch's wrapper refuses it, whatever the driver."""
     with pytest.raises(ValueError, match="Expected a torch.device with a specified index"):
         torch.cuda.get_per_process_memory_fraction(CUDA)
 
 
-def test_a_per_process_fraction_set_through_torch_is_the_limit(fake_cuda):
+def test_a_per_process_fraction_set_through_torch_is_the_limit(cuda_driver):
     """The GPU check's 24 GiB card: torch.cuda.set_per_process_memory_fraction, then the fit's limit."""
-    torch.cuda.set_per_process_memory_fraction(24 * 2**30 / fake_cuda.properties.total_memory, 0)
+    torch.cuda.set_per_process_memory_fraction(24 * 2**30 / cuda_driver.properties.total_memory, 0)
     assert machine.memory_limit(CUDA) == pytest.approx(24 * 2**30)
+
+
+def test_synchronize_and_the_cache_on_train_pys_device(cuda_driver):
+    machine.synchronize(CUDA)
+    machine.synchronize(torch.device("cpu"))
+    prepare.release_memory(CUDA)
+    assert machine.peak_memory(CUDA) >= 0 and machine.cuda_peak_mb(torch.device("cpu")) == 0.0
+
+
+# --- on the fake driver: what it is asked, and allocations it makes up ----------------------------------------
+
+def test_the_driver_is_asked_for_the_fraction_and_the_properties(fake_cuda):
+    fake_cuda.fraction = 0.25
+    assert machine.memory_limit(train.get_device()) == 80 * 2**30 * 0.25
+    assert "getMemoryFraction" in fake_cuda.calls and "getDeviceProperties" in fake_cuda.calls
 
 
 def test_the_peak_is_read_and_reset_through_the_allocators_statistics(fake_cuda):
@@ -140,10 +156,14 @@ def test_the_fit_on_cuda_tries_from_the_largest_down_and_says_so(fake_cuda, toke
 
 
 def test_the_fit_resets_cudas_peak_after_its_last_probe(fake_cuda, tokenizer, monkeypatch):
+    """The summary's peak_vram_mb is the training's: the probe of 4, which ran out, is not in it."""
     b, model, _ = fit_on_cuda(fake_cuda, tokenizer, monkeypatch, fits_up_to=2)
     assert b == 2 and model.batches == [4, 4, 2, 2]
     assert fake_cuda.calls[-1] == "resetPeakMemoryStats"  # nothing reached the driver after it
     assert fake_cuda.peak == 0 and machine.cuda_peak_mb(CUDA) == 0.0  # the probes' peak is not the run's
+    x = torch.zeros(b, 64, dtype=torch.long)
+    model(x, x).backward()  # a training micro-step at the size chosen: its batch and its activations
+    assert machine.cuda_peak_mb(CUDA) == (b * 2**20 + b * model.per_sequence) / 2**20
 
 
 def test_when_nothing_fits_on_cuda_one_line_names_the_gpus_share(fake_cuda, tokenizer, monkeypatch):

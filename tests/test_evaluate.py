@@ -161,8 +161,16 @@ def test_the_judges_clock_starts_with_a_train_loaders_second_batch_and_times_the
                                   "log_evaluation", "list_shards", "_bits_per_byte"])
 def test_what_a_run_reassigns_in_prepare_does_not_change_the_judge(tokenizer, small_eval, monkeypatch, tmp_path, name):
     """Reassigned settings (data paths included) or functions, through whatever name the run holds the module by:
-    the same number, the judge's own line, the name in it, and the run's own assignment back in place afterwards."""
-    expected = prepare.evaluate_bpb(OracleModel(8192), tokenizer, batch_size=B)
+    the same number (of a model whose loss differs token by token), the judge's own line, the name in it, and the
+    run's own assignment back in place afterwards."""
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=8192, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    model.float()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # logits far from uniform: every token scored differently
+    expected = prepare.evaluate_bpb(model, tokenizer, batch_size=B)
+    assert 1 < expected < 20 and f"{expected:.6f}" != f"{prepare.evaluate_bpb(OracleModel(8192), tokenizer, B):.6f}"
     other_cache = tmp_path / "other"
     shutil.copytree(prepare.JUDGE_SETTINGS["DATA_DIR"], other_cache / "data")
     shutil.copy(other_cache / "data" / "shard_00000.parquet", other_cache / "data" / prepare.VAL_FILENAME)
@@ -184,8 +192,8 @@ def test_what_a_run_reassigns_in_prepare_does_not_change_the_judge(tokenizer, sm
     }
     module = sys.modules[prepare.evaluate_bpb.__module__]  # the module, by another name than `prepare`
     monkeypatch.setattr(module, name, cheats[name])
-    assert prepare.evaluate_bpb(OracleModel(8192), tokenizer, batch_size=B) == expected
-    first, second = judge_lines()
+    assert prepare.evaluate_bpb(model, tokenizer, batch_size=B) == expected
+    first, _, second = judge_lines()
     assert first[2] == second[2] and second[4]["replaced"] == name and first[4]["replaced"] == "-"
     assert second[4]["EVAL_TOKENS"] == str(5 * B * T + 17) and second[4]["MAX_SEQ_LEN"] == str(T)
     assert second[4]["run"] == first[4]["run"] == prepare.JUDGE_SETTINGS["RUN_ID"]
@@ -240,13 +248,10 @@ def test_the_validation_split_read_outside_the_evaluation_is_counted(tokenizer, 
     fresh_judge(monkeypatch)
     prepare.evaluate_bpb(OracleModel(8192), tokenizer, batch_size=B)
     assert prepare._judge["val_opened"] == 0
-    loader = prepare.make_dataloader(tokenizer, 2, 16, "val", device="cpu")
-    next(loader)
-    loader.close()
-    through_prepare = prepare._judge["val_opened"]
-    assert through_prepare >= 1  # the split listed, and its token cache's files opened
+    prepare.list_shards("val")  # what a "val" loader does first (its thread then opens the token cache's files)
+    assert prepare._judge["val_opened"] == 1
     [cache] = glob.glob(os.path.join(prepare.JUDGE_SETTINGS["TOKENS_DIR"], "*", prepare.VAL_FILENAME[:-8], "00000.npz"))
     np.load(cache).close()
-    assert prepare._judge["val_opened"] == through_prepare + 1
+    assert prepare._judge["val_opened"] == 2
     prepare.evaluate_bpb(OracleModel(8192), tokenizer, batch_size=B)
-    assert [line[4]["val_opened"] for line in judge_lines()] == ["0", str(through_prepare + 1)]
+    assert [line[4]["val_opened"] for line in judge_lines()] == ["0", "2"]

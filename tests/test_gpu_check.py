@@ -144,6 +144,7 @@ def test_the_tests_step_counts_what_pytest_says(tmp_path, monkeypatch):
     figures = gpu_check.step_tests(SimpleNamespace())
     assert (figures["passed"], figures["failed"], figures["skipped"], figures["errors"]) == (1, 1, 1, 0)
     assert figures["status"] == 1 and any("assert 1 == 2" in line for line in figures["tail"])
+    assert figures["not_run"] == [["test_three.py::test_skipped", "needs a GPU"]]  # by name, with its reason
 
 
 def test_tests_that_outlast_the_step_are_reported_not_fatal(tmp_path, monkeypatch):
@@ -161,8 +162,10 @@ def test_the_report_from_known_figures(tmp_path):
     env = dict(device="NVIDIA H100 80GB HBM3", memory_gb=85.0, driver="580.159.04", torch="2.11.0+cu130",
                cuda="13.0", triton="3.6.0", python="3.12.3")
     figures = {
-        "tests": dict(command="-m pytest tests/test_attention.py", passed=92, failed=0, skipped=0, errors=0,
-                      seconds=41.0, status=0, environment=env),
+        "tests": dict(command="-m pytest tests/test_attention.py", passed=80, failed=0, skipped=1, errors=0,
+                      seconds=41.0, status=0, environment=env,
+                      not_run=[["tests/test_attention.py::test_hub_kernel_matches_fallback[1024-4-4]",
+                                "not run: hub unreachable (PyTorch attention ...)"]]),
         "small": dict(status=0, seconds=540.2, memory_limit_gb=24.0, budget=60, log="small.log",
                       **gpu_check.parse_run(LOG)),
         "attention": dict(device="cuda", dtype="bfloat16", attention="Flash Attention 3 from varunneal/flash-attention-3",
@@ -175,8 +178,10 @@ def test_the_report_from_known_figures(tmp_path):
     assert lines[2] == ("Device NVIDIA H100 80GB HBM3 (85.0 GB), driver 580.159.04, torch 2.11.0+cu130 (CUDA 13.0), "
                         "Triton 3.6.0, Python 3.12.3.")
     assert "Not run yet: defaults." in lines
-    assert ("`-m pytest tests/test_attention.py`: 92 passed, 0 failed, 0 skipped, 0 errors in 41.0 s "
+    assert ("`-m pytest tests/test_attention.py`: 80 passed, 0 failed, 0 errors, 1 not run, in 41.0 s "
             "(exit status 0).") in lines
+    assert ("- `tests/test_attention.py::test_hub_kernel_matches_fallback[1024-4-4]`: not run: hub unreachable "
+            "(PyTorch attention ...)") in lines
     assert "Exit status 0 after 540.2 s, limited to 24.0 GiB, a 60 s budget; log: `small.log`." in lines
     assert ("Memory fit: micro-batch 32, 3 sizes probed in 95.5 s, 3 compiled graphs (recompile limit 10); "
             "torch logged 3 recompiles.") in lines

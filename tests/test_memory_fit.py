@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from torch._dynamo.testing import CompileCounter
 import machine
 import prepare
 import train
-from helpers import ROOT, TINY_PREPARE, in_memory_fit, judge_settings, make_project, parse_summary, progress_lines, run_main, set_constants, start_tiny_main, summary_values
+from helpers import ROOT, TINY_PREPARE, in_memory_fit, judge_settings, make_project, parse_summary, progress_lines, run_main, set_constants, start_tiny_main
 
 OUT_OF_MEMORY = {  # what each device raises when an allocation fails
     "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
@@ -38,18 +39,46 @@ OUT_OF_MEMORY = {  # what each device raises when an allocation fails
                                 "allowed: 20.13 GB). Tried to allocate 2.00 GB on private pool."),
 }
 TOTAL = 4 * 64  # tokens per optimizer step: micro-batches 4, 2 or 1 of 64 tokens keep it exact
+GiB = 2**30
+STATUS = dict(VmPeak=9_000_000, VmSize=8_000_000, VmHWM=3_000_000, VmRSS=2_000_000)  # kB
+no_address_space_limit = pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY,
+                                            reason="an address-space limit: the fit reads VmSize and VmPeak then")
+
+
+def fake_proc(mp, folder, available_kb=None, status=None, cgroups=(None, None)):
+    """machine.py reading /proc and cgroup files of the test's own, in `folder`: MemAvailable in kB (None: no
+    /proc/meminfo, so no limit), this process's status {key: kB}, cgroups [(limit text, usage text) or None for
+    v2, v1]. The fit's own functions read them: nothing of machine.py is replaced."""
+    folder = Path(folder)
+    meminfo, stat = folder / "meminfo", folder / "status"
+    if available_kb is not None:
+        meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {int(available_kb)} kB\nCached: 1 kB\n")
+    stat.write_text("Name:\tpython\n" + "".join(f"{k}:\t{int(v)} kB\n" for k, v in (status or {}).items()))
+    files = []
+    for version, pair in zip(("v2", "v1"), cgroups):
+        limit, usage = folder / f"{version}-limit", folder / f"{version}-usage"
+        if pair is not None:
+            limit.write_text(pair[0] + "\n")
+            usage.write_text(pair[1] + "\n")
+        files.append((str(limit), str(usage)))
+    mp.setattr(machine, "MEMINFO", str(meminfo))
+    mp.setattr(machine, "STATUS", str(stat))
+    mp.setattr(machine, "CGROUP_MEMORY", files)
 
 
 class FirstStepDone(Exception):
     pass
 
 
-def fail_above(mp, fits_up_to, error, seen):
-    """Forward passes of more than `fits_up_to` sequences raise `error()`; every batch size is recorded."""
+def fail_above(mp, fits_up_to, error, seen, holds=None):
+    """Forward passes of more than `fits_up_to` sequences raise `error()`; every batch size is recorded, and
+    holds(size) is called first: what the pass makes the process hold, in the /proc files the fit reads."""
     forward = train.GPT.forward
 
     def forward_or_fail(self, idx, targets=None, reduction="mean"):
         seen.append(idx.size(0))
+        if holds is not None:
+            holds(idx.size(0))
         if fits_up_to is not None and idx.size(0) > fits_up_to:
             raise error()
         return forward(self, idx, targets, reduction)
@@ -57,12 +86,13 @@ def fail_above(mp, fits_up_to, error, seen):
     mp.setattr(train.GPT, "forward", forward_or_fail)
 
 
-def first_step(mp, cache, capsys, device_batch, fits_up_to=None, error=OUT_OF_MEMORY["cpu"], limit=None):
-    """Run train.main to its first optimizer step: (parameters after it, stdout, forward batch sizes)."""
+def first_step(mp, cache, capsys, folder, device_batch, fits_up_to=None, error=OUT_OF_MEMORY["cpu"]):
+    """Run train.main to its first optimizer step on a machine whose /proc tells no limit (allocation errors
+    only): (parameters after it, stdout, forward batch sizes)."""
     start_tiny_main(mp, cache)
     mp.setattr(train, "DEVICE_BATCH_SIZE", device_batch)
     mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
-    mp.setattr(machine, "memory_limit", lambda device: limit)  # None: no estimate, allocation errors only
+    fake_proc(mp, folder, None, STATUS)
     seen, after = [], []
     fail_above(mp, fits_up_to, error, seen)
     step = train.MuonAdamW.step
@@ -85,12 +115,12 @@ def first_step(mp, cache, capsys, device_batch, fits_up_to=None, error=OUT_OF_ME
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu", "mps"])
-def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny_cache, capsys, device):
+def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny_cache, capsys, tmp_path, device):
     with pytest.MonkeyPatch.context() as mp:
-        unconstrained, out, seen = first_step(mp, tiny_cache, capsys, device_batch=4)
+        unconstrained, out, seen = first_step(mp, tiny_cache, capsys, tmp_path, device_batch=4)
     assert "does not fit" not in out and set(seen) == {4}
     with pytest.MonkeyPatch.context() as mp:
-        constrained, out, seen = first_step(mp, tiny_cache, capsys, device_batch=4, fits_up_to=1,
+        constrained, out, seen = first_step(mp, tiny_cache, capsys, tmp_path, device_batch=4, fits_up_to=1,
                                             error=OUT_OF_MEMORY[device])
     assert "DEVICE_BATCH_SIZE 4 does not fit in memory: using 1, 4 accumulation steps\n" in out
     assert "Gradient accumulation steps: 4\n" in out
@@ -101,11 +131,11 @@ def test_a_micro_batch_that_does_not_fit_is_halved_with_the_same_first_step(tiny
         torch.testing.assert_close(c, u, rtol=1e-4, atol=1e-6)
 
 
-def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch):
+def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, monkeypatch, proc):
     """A probe's second forward and backward run with the optimizer's state held, as training's do; then the
     weights and the optimizer are put back."""
     monkeypatch.setattr(train, "flash_attn_func", machine.pytorch_attention)
-    monkeypatch.setattr(machine, "memory_limit", lambda device: None)  # no extrapolation: one probe, of 4
+    proc(None, STATUS)  # no limit read: no extrapolation, one probe, of 4
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     model.float()
@@ -127,27 +157,26 @@ def test_the_probes_leave_the_weights_and_the_optimizer_as_they_were(tokenizer, 
     assert [g["lr"] for g in optimizer.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
 
 
-def test_what_the_agent_sets_runs_whenever_it_fits(tiny_cache, capsys):
+def test_what_the_agent_sets_runs_whenever_it_fits(tiny_cache, capsys, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
-        _, out, seen = first_step(mp, tiny_cache, capsys, device_batch=2, fits_up_to=2)
+        _, out, seen = first_step(mp, tiny_cache, capsys, tmp_path, device_batch=2, fits_up_to=2)
     assert "does not fit" not in out and "Gradient accumulation steps: 2\n" in out
     assert set(seen) == {2}
 
 
-def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys):
+def test_an_error_that_is_not_out_of_memory_is_not_swallowed(tiny_cache, capsys, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         start_tiny_main(mp, tiny_cache)
-        mp.setattr(machine, "memory_limit", lambda device: None)
+        fake_proc(mp, tmp_path, None, STATUS)
         fail_above(mp, 0, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x64 and 32x64)"), [])
         with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
             run_main(capsys)
 
 
-def test_when_not_even_one_sequence_fits_one_line_and_exit_1(tiny_cache, capsys):
+def test_when_not_even_one_sequence_fits_one_line_and_exit_1(tiny_cache, capsys, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         start_tiny_main(mp, tiny_cache)
-        mp.setattr(machine, "memory_limit", lambda device: 24e9)
-        mp.setattr(machine, "peak_memory", lambda device: 1e9)
+        fake_proc(mp, tmp_path, 24e9 // 1024, dict(VmSize=1e9 // 1024, VmRSS=0, VmHWM=1e9 // 1024))  # 24 GB free
         fail_above(mp, 0, OUT_OF_MEMORY["mps"], [])
         status, out = run_main(capsys)
     assert status == ("error: not even a micro-batch of 1 sequence of 64 tokens fits in 24.0 GB; "
@@ -155,19 +184,23 @@ def test_when_not_even_one_sequence_fits_one_line_and_exit_1(tiny_cache, capsys)
     assert "Traceback" not in out and "step 00000" not in out
 
 
+@no_address_space_limit
 @pytest.mark.parametrize("limit_sequences,expected", [(100, 8), (6.5, 4), (3, 2), (1.5, 2)])
-def test_where_running_out_kills_sizes_are_extrapolated_and_never_tried_too_big(tiny_cache, capsys,
+def test_where_running_out_kills_sizes_are_extrapolated_and_never_tried_too_big(tiny_cache, capsys, tmp_path,
                                                                               limit_sequences, expected):
-    """A fake machine: 1 GB plus 0.25 GB per sequence; the limit holds `limit_sequences` of them once the
-    fit keeps 15 % of the headroom free. Sizes 1 and 2 are probed to measure that; nothing above the choice runs."""
+    """A machine in /proc: a forward pass of b sequences brings the process's peak resident set to 1 GiB plus
+    0.25 GiB a sequence; the limit (what it holds plus MemAvailable) holds `limit_sequences` of them once the fit
+    keeps 15 % of the headroom free. Sizes 1 and 2 are probed to measure that; nothing above the choice runs."""
     with pytest.MonkeyPatch.context() as mp:
         seen = []
         start_tiny_main(mp, tiny_cache)
         mp.setattr(train, "DEVICE_BATCH_SIZE", 8)
         mp.setattr(train, "TOTAL_BATCH_SIZE", 8 * 64)
-        mp.setattr(machine, "memory_limit", lambda device: 1.25e9 + 0.25e9 * (limit_sequences - 1) / 0.85)
-        mp.setattr(machine, "peak_memory", lambda device: 1e9 + 0.25e9 * seen[-1])
-        fail_above(mp, None, None, seen)
+        limit_kb = round((1.25 + 0.25 * (limit_sequences - 1) / 0.85) * GiB / 1024)
+        holds = lambda b: fake_proc(mp, tmp_path, limit_kb, dict(VmSize=GiB // 1024, VmRSS=0,
+                                                                  VmHWM=(GiB + b * GiB // 4) // 1024))
+        holds(0)
+        fail_above(mp, None, None, seen, holds)
         mp.setattr(train, "TIME_BUDGET", 0.01)
         status, out = run_main(capsys)
     assert status == 0
@@ -202,60 +235,7 @@ def test_a_fast_machine_gets_no_warning(tiny_cache, capsys, monkeypatch):
 
 # --- what the fit leaves behind: the peak, the compiled graphs, the evaluation's mode ---------------------------
 
-class CudaPeak:
-    """A double of CUDA's peak statistic: a forward pass of b sequences allocates b * 100 MiB at its height;
-    a reset starts the peak over and records what it cleared."""
-
-    def __init__(self):
-        self.peak, self.cleared = 0, []
-
-    def allocate(self, sequences):
-        self.peak = max(self.peak, sequences * 100 * 2**20)
-
-    def reset(self, device):
-        self.cleared.append(self.peak / 2**20)
-        self.peak = 0
-
-    def peak_mb(self, device):
-        return self.peak / 2**20
-
-
-def test_a_fit_that_shrinks_reports_the_trainings_peak_not_the_probes(tiny_cache, capsys):
-    peak = CudaPeak()
-    with pytest.MonkeyPatch.context() as mp:
-        start_tiny_main(mp, tiny_cache)
-        mp.setattr(train, "DEVICE_BATCH_SIZE", 4)
-        mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
-        mp.setattr(train, "TIME_BUDGET", 0.01)
-        mp.setattr(machine, "memory_limit", lambda device: None)
-        mp.setattr(machine, "reset_peak_memory", peak.reset)
-        mp.setattr(train, "cuda_peak_mb", peak.peak_mb)
-        fail_above(mp, 1, OUT_OF_MEMORY["cuda"], [])
-        forward = train.GPT.forward
-
-        def allocating_forward(self, idx, targets=None, reduction="mean"):
-            peak.allocate(idx.size(0))
-            return forward(self, idx, targets, reduction)
-
-        mp.setattr(train.GPT, "forward", allocating_forward)  # allocates, then fails above 1
-        status, out = run_main(capsys)
-    assert status == 0 and "using 1, 4 accumulation steps" in out
-    assert peak.cleared == [400.0]  # the probe of 4 sequences, which ran out, is what the reset cleared
-    assert summary_values(out)["peak_vram_mb"] == "100.0"  # training and evaluation at 1 sequence
-
-
-def test_the_peak_is_cudas_since_the_reset_and_zero_elsewhere(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(device))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 1536 * 2**20)
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    machine.reset_peak_memory(cuda)
-    machine.reset_peak_memory(cpu)
-    assert calls == [cuda]
-    assert machine.cuda_peak_mb(cuda) == 1536.0 and machine.cuda_peak_mb(cpu) == 0.0
-
-
-def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, capsys):
+def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, capsys, tmp_path):
     """torch.compile with a counting backend: each size probed is a graph, the evaluation one more. With
     torch's limit lowered to 2, the fit must raise it, or the later graphs would silently run eagerly."""
     counter = CompileCounter()
@@ -273,7 +253,7 @@ def test_every_size_the_fit_compiles_stays_compiled_and_is_counted(tiny_cache, c
         mp.setattr(train, "DEVICE_BATCH_SIZE", 4)
         mp.setattr(train, "TOTAL_BATCH_SIZE", TOTAL)
         mp.setattr(train, "TIME_BUDGET", 0.01)
-        mp.setattr(machine, "memory_limit", lambda device: None)
+        fake_proc(mp, tmp_path, None, STATUS)
         step, evaluate_bpb = train.MuonAdamW.step, train.evaluate_bpb
 
         def out_of_memory_after_the_compiled_step(self):  # the probes of 4 and 2 compile their graph, then run out
@@ -358,33 +338,14 @@ def test_evaluate_bpb_raises_what_halving_cannot_help(tokenizer, random_gpt, mon
 
 # --- what the CPU may take: /proc and the cgroup's files, written here -----------------------------------------
 
-GiB = 2**30
-
 
 @pytest.fixture
 def proc(tmp_path, monkeypatch):
-    """machine.py reading /proc and cgroup files of this test's own: write(meminfo kB, status {key: kB},
-    cgroups [(limit text, usage text) or None for v2, v1])."""
-    def write(available_kb=None, status=None, cgroups=(None, None)):
-        meminfo, stat = tmp_path / "meminfo", tmp_path / "status"
-        if available_kb is not None:
-            meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {available_kb} kB\nCached: 1 kB\n")
-        stat.write_text("Name:\tpython\n" + "".join(f"{k}:\t{v} kB\n" for k, v in (status or {}).items()))
-        files = []
-        for version, pair in zip(("v2", "v1"), cgroups):
-            limit, usage = tmp_path / f"{version}-limit", tmp_path / f"{version}-usage"
-            if pair is not None:
-                limit.write_text(pair[0] + "\n")
-                usage.write_text(pair[1] + "\n")
-            files.append((str(limit), str(usage)))
-        monkeypatch.setattr(machine, "MEMINFO", str(meminfo))
-        monkeypatch.setattr(machine, "STATUS", str(stat))
-        monkeypatch.setattr(machine, "CGROUP_MEMORY", files)
-    return write
+    """fake_proc in the test's folder: write(meminfo kB, status {key: kB}, cgroups)."""
+    return lambda *args, **kwargs: fake_proc(monkeypatch, tmp_path, *args, **kwargs)
 
 
 CPU = torch.device("cpu")
-STATUS = dict(VmPeak=9_000_000, VmSize=8_000_000, VmHWM=3_000_000, VmRSS=2_000_000)  # kB
 
 
 @pytest.mark.parametrize("cgroups,limit", [

@@ -31,7 +31,7 @@ import unittest.mock
 
 import pytest
 
-from helpers import ROOT, code_lines
+from helpers import FORBIDDEN_COMMANDS, JUDGE_LOG_WRITES, ROOT, protocol_commands
 from night import hooks  # as the package path mutmut names it: night.hooks
 
 NIGHT = os.path.join(ROOT, "night")
@@ -427,26 +427,6 @@ def test_the_codex_loop_resumes_while_the_night_makes_progress(repo, tmp_path):
 
 # --- Claude Code's settings against the protocol ------------------------------------------------------------
 
-EXAMPLE = {"<tag>": "nov23", "<gpu>": "H100", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3",
-           "<base>": "HEAD", "<sha256>": "0" * 64, "<description>": "an idea", "<what you tried>": "an idea"}
-COMMAND_WORDS = {"git", "uv", "grep", "tail", "cat", "mkdir", "scp", "sky", "sha256sum"}
-
-
-def protocol_commands(*names):
-    """Every command the named protocols show, in code blocks or inline, placeholders filled in."""
-    commands = set()
-    for name in names:
-        with open(os.path.join(ROOT, name)) as f:
-            text = f.read()
-        inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
-        for command in code_lines(text) + inline:
-            if command.split()[0] in COMMAND_WORDS and len(command.split()) > 1:  # not a bare `sky`
-                for key, value in EXAMPLE.items():
-                    command = command.replace(key, value)
-                commands.add(command)
-    return sorted(commands)
-
-
 def split(command):
     """The documented split: on ;, &&, ||, |, & and newlines outside quotes (a 2>&1 is no split)."""
     parts, current, quote = [], "", None
@@ -529,8 +509,7 @@ def test_every_command_of_the_protocol_is_allowed():
 def test_a_one_gpu_night_never_writes_the_judges_log():
     """The judge's line is the run's own: no rule of a one-GPU night lets the agent edit, append to or copy into it
     (a parallel night must copy the clusters' lines in, and its settings allow that alone)."""
-    for command in ("cat logs/w1-2.judge.log >> judge.log", "grep x run.log > judge.log", "tail -n 1 run.log >> judge.log",
-                    "uv run train.py > judge.log 2>&1"):
+    for command in JUDGE_LOG_WRITES:
         assert not command_allowed(command), command
     assert not edit_allowed("judge.log") and not edit_allowed("logs/w1-2.judge.log")
     assert command_allowed("cat logs/w1-2.judge.log >> judge.log", PARALLEL_SETTINGS)
@@ -546,12 +525,7 @@ def test_the_parallel_settings_are_a_one_gpu_night_s_and_the_parallel_rules():
     assert one["defaultMode"] == parallel["defaultMode"] and parallel["additionalDirectories"] == ["../worktrees"]
 
 
-@pytest.mark.parametrize("command", [
-    "uv add numpy", "uv sync", "uv lock --upgrade", "uv pip install x", "uv run --with numpy train.py",
-    "pip install x", "python -m pip install x", "git push", "git push origin autoresearch/nov23",
-    "sed -i 's/300/600/' prepare.py", "echo 'TIME_BUDGET = 600' >> prepare.py", "rm -rf .git",
-    "uv run train.py > run.log 2>&1 && git push", "git commit -am x; curl https://example.com",
-])
+@pytest.mark.parametrize("command", FORBIDDEN_COMMANDS)
 def test_forbidden_commands_are_not_allowed(command):
     assert not command_allowed(command) and not command_allowed(command, PARALLEL_SETTINGS)
 

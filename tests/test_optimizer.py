@@ -18,6 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import train
+from helpers import require
 
 POLAR_EXPRESS = [  # (a, b, c) of the five orthogonalisation steps, in order
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -285,6 +286,7 @@ def relative_difference(compiled, eager, start):
 def inductor():
     """train.py's steps and the original's, each compiled as train.py compiles its steps, on the CPU (a C++ compiler
     and setuptools: the test setup's)."""
+    require("g++")
     torch._dynamo.reset()
     with torch._inductor.config.patch(compile_threads=1):  # no pool of compile workers for a few small kernels
         yield {name: (train.compile_step(getattr(train, name)), train.compile_step(original))

@@ -30,7 +30,7 @@ import yaml
 
 import analysis
 from files import judge_line, recorded_val_digest
-from helpers import ROOT, TINY_PREPARE, code_lines, git, one_command, set_constants, ShardServer
+from helpers import EXAMPLE, ROOT, TINY_PREPARE, code_lines, git, one_command, set_constants, ShardServer
 
 with open(os.path.join(ROOT, "parallel", "program.md")) as f:
     PROTOCOL = f.read()
@@ -38,8 +38,6 @@ with open(os.path.join(ROOT, "parallel", "sky.yaml")) as f:
     TASK = yaml.safe_load(f)
 CODE = code_lines(PROTOCOL)
 INLINE = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", PROTOCOL, flags=re.S))
-EXAMPLE = {"<tag>": "nov23", "<gpu>": "H100", "<i>": "1", "<id>": "w1-2", "<commit>": "abc1234", "<job>": "3", "<base>": "HEAD",
-           "<sha256>": "0" * 64, "<description>": "an idea"}
 
 
 def fill(command, **values):
@@ -76,8 +74,18 @@ for command in json.loads(sys.argv[2]):
         out["commands"][command] = "ok"
     except click.ClickException as e:
         out["commands"][command] = e.format_message()
+import inspect, re  # how `sky logs` prefixes a job's lines: SkyPilot's own parser of them, and the Ray task's name
+import sky.backends.task_codegen, sky.logs.agent
+out["log_line"] = re.search(r"'regex': r'(.*)',$", inspect.getsource(sky.logs.agent), re.M).group(1)
+out["named_after_the_task"] = "'{task_name},' if {task_name!r} != None" in inspect.getsource(sky.backends.task_codegen)
 print("RESULT " + json.dumps(out))
 """
+
+
+def sky_log_prefix(pid, task="autoresearch"):
+    """What `sky logs` puts before each line of a job on a one-node cluster: SkyPilot runs it as a Ray task named
+    `<task name>,` (sky/backends/task_codegen.py) and Ray prefixes its output `(<name> pid=<pid>)`."""
+    return f"({task}, pid={pid}) "
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +106,16 @@ def check_with_skypilot(commands, tmp):
                             env=dict(os.environ, HOME=str(home)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.split("RESULT ", 1)[1])
+
+
+def test_the_log_lines_are_prefixed_as_skypilot_parses_them(skypilot):
+    """The prefix these tests put before a job's lines is the one SkyPilot's own log parser (its fluent-bit regex,
+    sky/logs/agent.py) reads: the task's name, the pid, then the line as the job printed it."""
+    assert skypilot["named_after_the_task"]
+    parser = re.compile(skypilot["log_line"].replace("(?<", "(?P<"))
+    line = parser.fullmatch(sky_log_prefix(4242, skypilot["name"]) + "val_bpb:          0.997900")
+    assert line and (line["worker_name"], line["pid"], line["rank"]) == ("autoresearch", "4242", None)
+    assert line["log_line"] == "val_bpb:          0.997900"
 
 
 def test_skypilot_parses_the_task_file(skypilot):
@@ -196,7 +214,7 @@ def run_job(workdir, env, **envs):
     result = subprocess.run(["bash", "-c", TASK["run"]], cwd=synced, env={**env, **envs}, capture_output=True,
                             text=True, timeout=600)
     lines = (result.stdout + result.stderr).splitlines()
-    return result.returncode, "".join(f"(autoresearch, pid=4242) {line}\n" for line in lines)
+    return result.returncode, "".join(f"{sky_log_prefix(4242)}{line}\n" for line in lines)
 
 
 def test_the_task_runs_an_experiment_whose_result_becomes_a_ledger_row(parallel_night, cluster):
@@ -252,7 +270,7 @@ def record(repo, id, commit, sha, val_bpb, cluster_home):
     """A result as it arrives: the fetched log (the task's output lines), the cluster's judge.log copied."""
     lines = [f"experiment: {id}", f"commit: {commit}", f"val_bpb:          {val_bpb:.6f}", "peak_vram_mb:     45060.2"]
     with open(os.path.join(repo, fill("logs/<id>.log", id=id)), "w") as f:
-        f.write("".join(f"(autoresearch, pid=77) {line}\n" for line in lines))
+        f.write("".join(f"{sky_log_prefix(77)}{line}\n" for line in lines))
     run_dir = os.path.join(cluster_home, "autoresearch-runs", id)
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "judge.log"), "w") as f:  # what the judge on the cluster wrote

@@ -13,7 +13,7 @@ prints the summary block with the model those settings describe.
 import pytest
 
 import prepare
-from helpers import make_project, parse_summary, progress_lines, run_train, settings
+from helpers import make_project, parameters_M, parse_summary, progress_lines, run_train, settings
 
 
 @pytest.mark.parametrize("machine", ["Mac with Apple silicon", "CPU"])
@@ -35,6 +35,7 @@ def test_the_cpu_settings_run_end_to_end(tiny_cache, tmp_path):
     status, log = run_train(project, tiny_cache.dir, timeout=900)
     assert status == 0, log[-3000:]
     summary = parse_summary(log)
-    assert summary["depth"] == values["train.py"]["DEPTH"] and summary["num_params_M"] == "5.0"
+    assert summary["depth"] == values["train.py"]["DEPTH"] and summary["num_params_M"] == parameters_M(
+        int(values["train.py"]["DEPTH"]), values["train.py"]["ASPECT_RATIO"], values["train.py"]["HEAD_DIM"])
     assert int(summary["num_steps"]) == len(progress_lines(log)) > 11
     assert "'sequence_len': 256" in log and "does not fit" not in log

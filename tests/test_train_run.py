@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import prepare
-from helpers import TINY_PREPARE, finish_train, judge_settings, make_project, parse_summary, progress_lines, \
-    set_constants, start_train, UniformModel
+from helpers import TINY_PREPARE, TINY_TRAIN, finish_train, judge_settings, make_project, parameters_M, parse_summary, \
+    progress_lines, set_constants, start_train, UniformModel
 
 
 def night_run(night, description):
@@ -41,7 +41,8 @@ def test_summary_block_keys_order_spacing_and_formats(baseline):
     steps = int(summary["num_steps"])
     assert steps > 11
     assert summary["total_tokens_M"] == f"{steps * 2 * 2 * 64 / 1e6:.1f}"
-    assert summary["depth"] == "2" and summary["num_params_M"] == "1.7"
+    assert summary["depth"] == TINY_TRAIN["DEPTH"] and summary["num_params_M"] == parameters_M(
+        int(TINY_TRAIN["DEPTH"]), TINY_TRAIN["ASPECT_RATIO"], TINY_TRAIN["HEAD_DIM"])
     if not torch.cuda.is_available():
         assert summary["peak_vram_mb"] == "0.0" and summary["mfu_percent"] == "n/a"
     assert float(summary["total_seconds"]) > float(summary["training_seconds"])

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 STEPS = {  # name: (what it does, minutes on an H100)
-    "tests": ("the attention tests, CUDA-only ones included (python -m pytest tests/test_attention.py)", 2),
+    "tests": ("the CUDA tests (python -m pytest tests/test_attention.py tests/test_cuda_paths.py)", 2),
     "defaults": ("train.py unmodified for the full budget: summary, tokens/s, compile seconds", 7),
     "small": ("the same under a 24 GB limit, a 60 s budget: the micro-batch chosen, graphs, recompiles, peak memory", 7),
     "attention": ("every attention backend at the default shapes, forward and backward, checked and timed", 3),
@@ -42,7 +42,8 @@ SMALL_CARD = 24 * 2**30         # bytes: a 24 GB card (RTX 3090/4090, L4), emula
 SMALL_BUDGET = 60               # seconds of training in the small step's copy: up to 4 graphs compile first
 STEP_TIMEOUT = 570              # seconds a run may take: each step fits in one 10-minute command
 RUN_FILES = ["train.py", "prepare.py", "machine.py", "files.py"]
-TEST_FILES = ["tests/test_attention.py"]  # the CUDA tests, and the fallback's equivalence on this torch
+TEST_FILES = ["tests/test_attention.py",   # the kernels against the fallback, the fallback's equivalence here
+              "tests/test_cuda_paths.py"]  # the CUDA branches: those that allocate nothing on the real driver
 TIMING_REPEATS = 10             # timed forward+backward passes per attention backend (after 3 warm-ups)
 CHECK_ATOL = 3e-2               # bf16 outputs and gradients against the float32 reference: |error| <= atol + rtol |ref|
 CHECK_RTOL = 2e-2               # a few bf16 steps (2^-8) of the value: gradients reach 8 at T=2048 (a step of 0.03)
@@ -110,7 +111,10 @@ def environment():
 
 
 def step_tests(args):
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+    """pytest on TEST_FILES: the counts, and every test that did not run, by name, with pytest's reason for it (a
+    test of the hub's kernel on a machine that cannot reach the hub is "not run", never passed)."""
+    results = tempfile.NamedTemporaryFile(suffix=".xml", delete=False).name
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={results}",
                "-o", "addopts=",  # one process, without pyproject's xdist options: a GPU machine may lack pytest-xdist
                *TEST_FILES]
     t0 = time.time()
@@ -118,15 +122,34 @@ def step_tests(args):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT)
     except subprocess.TimeoutExpired as e:
         output = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        return dict(command=" ".join(command[1:]), status="timed out", seconds=round(time.time() - t0, 1), passed=0,
-                    failed=0, skipped=0, errors=0, tail=output.splitlines()[-30:])
+        return dict(command=" ".join(command[1:-1]), status="timed out", seconds=round(time.time() - t0, 1), passed=0,
+                    failed=0, skipped=0, errors=0, not_run=[], tail=output.splitlines()[-30:])
     output = result.stdout + result.stderr
-    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output.splitlines()[-1]
-                                                      if output.strip() else "")}
-    return dict(command=" ".join(command[1:]), status=result.returncode, seconds=round(time.time() - t0, 1),
-                passed=counts.get("passed", 0), failed=counts.get("failed", 0), skipped=counts.get("skipped", 0),
-                errors=counts.get("error", 0) + counts.get("errors", 0),
+    outcomes = test_outcomes(results)
+    os.remove(results)
+    count = lambda kind: sum(1 for outcome, _ in outcomes.values() if outcome == kind)
+    return dict(command=" ".join(c for c in command[1:] if not c.startswith("--junitxml")), status=result.returncode,
+                seconds=round(time.time() - t0, 1), passed=count("passed"), failed=count("failed"),
+                skipped=count("skipped"), errors=count("error"),
+                not_run=[[name, why] for name, (outcome, why) in outcomes.items() if outcome == "skipped"],
                 tail=output.splitlines()[-30:] if result.returncode else [])
+
+
+def test_outcomes(junit_xml):
+    """{test id: (passed, failed, error or skipped; the reason)} from pytest's JUnit XML report (none if absent)."""
+    import xml.etree.ElementTree as ElementTree
+    try:
+        cases = ElementTree.parse(junit_xml).getroot().iter("testcase")
+    except (OSError, ElementTree.ParseError):
+        return {}
+    outcomes = {}
+    for case in cases:
+        name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+        found = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+        outcome = {"failure": "failed", None: "passed"}.get(found.tag if found is not None else None,
+                                                              found.tag if found is not None else "passed")
+        outcomes[name] = (outcome, (found.get("message") or "").strip() if found is not None else "")
+    return outcomes
 
 
 def run_train(args, name, memory_limit=None, budget=None):
@@ -322,8 +345,10 @@ def report(figures):
         out += [f"Not run yet: {', '.join(missing)}.", ""]
     if "tests" in figures:
         t = figures["tests"]
-        out += ["## Tests", "", f"`{t['command']}`: {t['passed']} passed, {t['failed']} failed, {t['skipped']} "
-                f"skipped, {t['errors']} errors in {t['seconds']} s (exit status {t['status']}).", ""]
+        out += ["## Tests", "", f"`{t['command']}`: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
+                f"{t['skipped']} not run, in {t['seconds']} s (exit status {t['status']}).", ""]
+        if t.get("not_run"):
+            out += ["Not run (so not checked):", ""] + [f"- `{name}`: {why}" for name, why in t["not_run"]] + [""]
         if t.get("tail"):
             out += ["```"] + t["tail"] + ["```", ""]
     if "defaults" in figures:
