@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 import pickle
+import subprocess
 import sys
 import time
 import uuid
@@ -71,6 +72,7 @@ RETRY_WAIT = 2                  # seconds after the first failed attempt, doubli
 CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
 DOWNLOAD_TIMEOUT = 30           # seconds without data before an attempt fails
 ROUND_TRIP_SAMPLE = "Hello world! 12345 tokens: café, naïve, 東京, 🚀 done."  # a tokenizer must give it back
+RUN_LIMIT = 600                 # seconds a run of train.py may last in all (program.md): then the watchdog ends it
 
 # ---------------------------------------------------------------------------
 # The judge's own record of the run: which script and process, when training ran, what read the validation data
@@ -115,6 +117,35 @@ def _note_validation_read(event, args):
 
 register_optimizer_step_post_hook(_note_optimizer_step)
 sys.addaudithook(_note_validation_read)  # for the life of the process: no code can take it out
+
+WATCHDOG = """
+import os, signal, sys, time
+run, limit = int(sys.argv[1]), float(sys.argv[2])
+end = time.monotonic() + limit
+while time.monotonic() < end:
+    if os.getppid() != run:  # the run is over: this process was handed to another parent
+        sys.exit(0)
+    time.sleep(min(1.0, max(end - time.monotonic(), 0.01)))
+print(f"\\nerror: this run passed {limit:g} s, the limit of a run (program.md): the judge's watchdog ended it; "
+      f"log it as a crash", file=sys.stderr, flush=True)
+os.kill(run, signal.SIGTERM)
+for _ in range(100):  # 10 s to end, then killed
+    time.sleep(0.1)
+    if os.getppid() != run:
+        sys.exit(0)
+os.kill(run, signal.SIGKILL)
+"""
+
+
+def start_watchdog(limit=RUN_LIMIT):
+    """A process of its own that ends this run once it has lasted `limit` seconds: one line on stderr (run.log),
+    SIGTERM, and SIGKILL 10 s later; the GPU's memory goes with the process. A process, not a thread: a run stuck
+    in a CUDA call, holding Python's lock, is ended all the same. It leaves when the run does."""
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(limit)], stdin=subprocess.DEVNULL)
+
+
+if os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") == "train.py":
+    start_watchdog()  # a run of train.py (imported by anything else, tests included, no watchdog starts)
 
 # ---------------------------------------------------------------------------
 # Shards on disk
@@ -688,12 +719,34 @@ JUDGE_CODE = {name: value for name, value in globals().items()
 # Main: download, then train the tokenizer
 # ---------------------------------------------------------------------------
 
+def check_prepared():
+    """What a run needs, checked without downloading anything: the shards, the tokenizer, the validation digest.
+    0 when all is there; else one line saying what is missing, and 1."""
+    print(f"Cache directory: {CACHE_DIR}")
+    try:
+        shards = [os.path.basename(path) for split in ("train", "val") for path in list_shards(split)]
+        Tokenizer.from_directory()
+    except SystemExit as e:
+        print(str(e).replace("error: ", "error: not ready: ", 1), file=sys.stderr)
+        return 1
+    print(f"Data: {len(shards) - 1} training shards and {VAL_FILENAME}")
+    print(f"Tokenizer: {VOCAB_SIZE} tokens in {TOKENIZER_DIR}")
+    if not os.path.exists(os.path.join(TOKENIZER_DIR, VAL_DIGEST)):
+        print(f"Validation digest: not recorded (`uv run prepare.py` records it; the morning audit notes its absence)")
+    print("Ready: `uv run train.py`")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download climbmix shards and train the tokenizer (one time).")
     parser.add_argument("--num-shards", type=int, default=10,
                         help=f"training shards to download, -1 for all {MAX_SHARD} (the validation shard is always added)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel download processes")
+    parser.add_argument("--check", action="store_true", help="say whether the data and the tokenizer are ready, "
+                        "download nothing (program.md's setup)")
     args = parser.parse_args(argv)
+    if args.check:
+        sys.exit(check_prepared())
     if args.num_shards == -1:
         args.num_shards = MAX_SHARD
     if not 1 <= args.num_shards <= MAX_SHARD:

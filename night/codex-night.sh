@@ -12,7 +12,8 @@
 #   for the commands of this run only.
 # Every turn runs with the same flags (a resumed session keeps only the conversation, not the sandbox):
 # - --sandbox danger-full-access: the run needs the GPU and a writable .git, which Codex's sandbox would hide
-#   and protect (`codex exec` never asks for approval); start it where that is acceptable;
+#   and protect (`codex exec` never asks for approval); run the whole loop in night/sandbox.sh instead
+#   (`night/sandbox.sh night/codex-night.sh nov24`), or start it where that is acceptable;
 # - -c allow_login_shell=false: commands run in `bash -c`, with this shell's PATH, not in a login shell whose
 #   profile may reset PATH and hide uv.
 # The first turn that fails ends the night with its status.

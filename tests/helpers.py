@@ -40,7 +40,15 @@ TOOLS = {  # name: (where it is, or None; how to get it)
     "codex": (lambda: shutil.which("codex", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Codex"),
     "uv": (lambda: os.environ.get("UV") or shutil.which("uv"), "`pip install uv`"),
     "g++": (lambda: shutil.which("g++"), "a C++ compiler for inductor (`apt-get install g++`)"),
+    "bwrap": (lambda: working_bwrap(), "bubblewrap, able to create its namespaces here (`apt-get install bubblewrap`)"),
 }
+def working_bwrap():
+    """bwrap's path where it is installed and can create its namespaces (a container may forbid them), else None."""
+    path = shutil.which("bwrap")
+    ok = path and subprocess.run([path, "--ro-bind", "/", "/", "true"], capture_output=True).returncode == 0
+    return path if ok else None
+
+
 TOOLS_OPT_OUT = "AUTORESEARCH_TESTS_WITHOUT"  # e.g. "claude,codex": their tests skip, and the summary says why
 
 

@@ -13,13 +13,16 @@ fail on a NaN-producing edit, and the one-line start-up errors.
 import math
 import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import prepare
-from helpers import TINY_PREPARE, TINY_TRAIN, finish_train, judge_settings, make_project, parameters_M, parse_summary, \
-    progress_lines, set_constants, start_train, UniformModel
+from helpers import ROOT, TINY_PREPARE, TINY_TRAIN, finish_train, judge_settings, make_project, parameters_M, parse_summary, \
+    progress_lines, require, set_constants, start_train, UniformModel
 
 
 def night_run(night, description):
@@ -125,3 +128,33 @@ def test_startup_errors_are_one_line(case, startup_runs):
     assert last.startswith(expected), last
     if case != "batch size":
         assert last.endswith("run `uv run prepare.py` first")
+
+
+def test_a_run_past_its_limit_is_ended_by_the_judges_watchdog(tiny_cache, tmp_path):
+    """program.md's 10 minutes, held without the agent: prepare.py's watchdog ends a run of train.py at RUN_LIMIT
+    (1 s here, a 60 s budget) with one line in run.log, and `uv run` passes the run's end on (SIGTERM: 143)."""
+    project = make_project(tmp_path / "project", dict(TINY_PREPARE, TIME_BUDGET="60", RUN_LIMIT="1"))
+    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(tiny_cache.dir), UV_NO_SYNC="1", UV_FROZEN="1",
+               UV_PROJECT_ENVIRONMENT=sys.prefix)
+    t0 = time.monotonic()
+    result = subprocess.run(f"{require('uv')} run train.py > run.log 2>&1", shell=True, cwd=project, env=env,
+                            timeout=120)
+    seconds = time.monotonic() - t0
+    with open(os.path.join(project, "run.log")) as f:
+        log = f.read()
+    assert result.returncode == 143 and seconds < 30, log[-2000:]
+    assert log.endswith("\nerror: this run passed 1 s, the limit of a run (program.md): the judge's watchdog ended "
+                        "it; log it as a crash\n"), log[-2000:]
+    assert "val_bpb:" not in log  # no number: a crash
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the children from /proc (Linux)")
+def test_only_a_run_of_train_py_has_a_watchdog():
+    """Imported by anything else (these tests, analysis, tools), prepare.py starts none."""
+    code = ("import os, prepare\n"
+            "stat = lambda pid: open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+            "children = [p for p in os.listdir('/proc') if p.isdigit() and os.path.exists(f'/proc/{p}/stat')\n"
+            "            and stat(p)[1] == str(os.getpid())]\n"
+            "print(len(children), prepare.RUN_LIMIT)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["0", "600"], result.stderr
