@@ -3,7 +3,7 @@ driven by a scripted model on loopback: the Anthropic Messages API that ANTHROPI
 Responses API of a custom model provider in a throwaway CODEX_HOME, both streamed, standard library only. HOME
 is a temporary directory; nothing is reached but loopback.
 
-The script plays program.md in the project (its train.py a stand-in that prints the summary block and writes
+Both nights run in night/sandbox.sh. The script plays program.md in the project (its train.py a stand-in that prints the summary block and writes
 the judge's line at once; the first run lasts 12 s, past Codex's 10 s yield): the setup, the baseline pair, an
 idea kept, one discarded and reset, a crash fixed and amended, every decision by `--decide`; the forbidden
 attempts; then the end of a turn, the keep-going rule sending the agent back, one more experiment, and a STOP
@@ -480,8 +480,8 @@ def play(agent, tmp, settings="night/claude-settings.json", sweep=None, sandboxe
 
 @pytest.fixture(scope="module", params=["claude", "codex"])
 def night(request, tmp_path_factory):
-    """Claude Code held by its settings and hooks; Codex, which has no per-run rules, in night/sandbox.sh."""
-    return play(request.param, tmp_path_factory.mktemp(request.param), sandboxed=request.param == "codex")
+    """Each in night/sandbox.sh, as night/README.md runs them: Claude Code held by its settings and hooks too."""
+    return play(request.param, tmp_path_factory.mktemp(request.param), sandboxed=True)
 
 
 class Sweep(Night):
@@ -627,6 +627,7 @@ def steps(night, label):
 def test_every_loop_step_is_allowed_and_the_night_ends_at_stop(night):
     night, model, result = night
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "appeared in the project" not in result.stderr  # the night's files (ledger, logs, STOP) aside: none
     assert night.steps[-1].label == "end of the night" and os.path.exists(os.path.join(night.project, "STOP"))
     crash_runs = {"run", "read the result"}  # a run that crashed fails, and grep finds no result in its log
     for step in night.steps:
