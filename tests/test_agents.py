@@ -3,11 +3,14 @@ driven by a scripted model on loopback: the Anthropic Messages API that ANTHROPI
 Responses API of a custom model provider in a throwaway CODEX_HOME, both streamed, standard library only. HOME
 is a temporary directory; nothing is reached but loopback.
 
-Both nights run in night/sandbox.sh. The script plays program.md in the project (its train.py a stand-in that prints the summary block and writes
-the judge's line at once; the first run lasts 12 s, past Codex's 10 s yield): the setup, the baseline pair, an
-idea kept, one discarded and reset, a crash fixed and amended, every decision by `--decide`; the forbidden
-attempts; then the end of a turn, the keep-going rule sending the agent back, one more experiment, and a STOP
-file ending the night. What is asserted is what the binary did: the tool results it sent back, git, the ledger.
+Both nights run in night/sandbox.sh. The script plays program.md in the project (its train.py a stand-in that
+prints the summary block and writes the judge's line at once; the first run lasts 12 s, past Codex's 10 s yield):
+the setup, the baseline pair, an idea kept, one discarded and reset, a crash fixed and amended, every decision by
+`--decide`; the forbidden attempts; then the end of a turn, the keep-going rule sending the agent back, one more
+experiment, and a STOP file ending the night. What is asserted is what the binary did: the tool results it sent
+back, git, the ledger, and that it asked nothing after its final answer. Also through the real Claude Code: every
+command of both protocols and every forbidden one with each night's settings (the binary is the reference for
+tests/test_night.py's matcher), and, in the sandbox, with rules that allow everything, what the system refuses.
 
 Without the binaries (or uv) these tests fail, with the command that installs them, unless
 AUTORESEARCH_TESTS_WITHOUT names them (helpers.require).
