@@ -18,7 +18,7 @@ VAL_DIGEST = "val_digest.txt"   # in the tokenizer's folder: the validation toke
 JUDGE_LOG = "judge.log"         # evaluate_bpb appends a line per evaluation here, in the directory of the run
 JUDGE_LOGGED = ["EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE"]  # prepare.py's settings each line records
 JUDGE_FIELDS = ["run", "elapsed", "training", "steps", "step_seconds", "longest_step", "training_claimed",
-                "eval_seconds", *JUDGE_LOGGED, "device", "torch", "val_digest", "val_opened", "replaced"]
+                "eval_seconds", *JUDGE_LOGGED, "device", "torch", "precision", "val_digest", "val_opened", "replaced"]
 # judge.log's key=value fields, after time, sha256, val_bpb and tokens
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # judge.log's first field, in UTC
 

@@ -240,6 +240,59 @@ def bf16_slowdown():
         torch.set_num_threads(threads)
 
 # ---------------------------------------------------------------------------
+# The GPU: the precision that trains, and its peak for the MFU
+# ---------------------------------------------------------------------------
+
+FORCE_FLOAT16 = "AUTORESEARCH_FLOAT16"  # =1: the float16 path on any device, to test it where bf16 runs (not a setting)
+PEAK_FLOPS = {  # dense tensor-core peak of the dtype that trains, by a part of the device's name; the longest match wins
+    # bf16 (as fp16 with fp32 accumulate), NVIDIA's datasheets and architecture papers
+    "H100": 989.5e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,        # H100: 1,979 / 1,513 / 1,671 with sparsity
+    "H200": 989.5e12, "H200 NVL": 835e12,                             # H200: as the H100 SXM and NVL
+    "H800": 989.5e12, "H800 PCIe": 756e12,
+    "B200": 2250e12,                                                  # HGX B200: 4.5 PFLOPS with sparsity
+    "GB200": 2500e12,                                                 # GB200 NVL72: 360 PFLOPS sparse for 72 GPUs
+    "A100": 312e12, "A800": 312e12,                                   # A100: 312 TFLOPS, 624 with sparsity
+    "A10": 125e12,                                                    # A10: 125 TFLOPS, 250 with sparsity
+    "A10G": None,                                                     # AWS's A10G: NVIDIA publishes no figure
+    "L40S": 362.05e12, "L40": 181.05e12, "L4": 121e12,                # L40S 733, L40 362.1, L4 242 with sparsity
+    "RTX 3090": 71e12,                                                # GA102 whitepaper: 71, 142 with sparsity
+    "RTX 4090": 165.2e12,                                             # Ada whitepaper: 165.2, 330.4 with sparsity
+    "RTX 5090": 209.5e12,                                             # Blackwell GeForce whitepaper: 209.5, 419
+    "GB10": None,                                                     # DGX Spark: only an FP4 figure is published
+    # fp16 with fp32 accumulate, on GPUs without bf16 (compute capability below 8.0)
+    "T4": 65e12,                                                      # T4 datasheet: 65 TFLOPS mixed precision
+    "V100-SXM2": 125e12, "V100-PCIE": 112e12, "V100S": 130e12,        # V100 datasheet: deep-learning (tensor) figures
+    # AMD, through ROCm's torch.cuda: bf16 dense, the datasheets
+    "MI300X": 1307.4e12,                                              # MI300X: 1,307.4 TFLOPS, 2,614.9 with sparsity
+    "MI250X": 191.5e12,                                               # MI250X: 383 TFLOPS for two dies, one device each
+}
+
+
+def peak_flops(device_name):
+    """The dense peak of the dtype that trains on a GPU, by its name ("NVIDIA L40" is an L40, not an L4; "NVIDIA A10G"
+    no A10); None where unknown."""
+    matches = [key for key in PEAK_FLOPS if key in device_name]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def autocast_dtype(device):
+    """(dtype, why): what training and evaluation run in on `device`, and a line saying why. bf16 on GPUs of compute
+    capability 8.0 and up; below, float16 with loss scaling (torch.cuda.is_bf16_supported() counts emulation and says
+    yes on a T4: the capability decides); bf16 on MPS and on CPUs with bf16 instructions, float32 where a CPU
+    emulates it (20 to 50 times slower)."""
+    if os.environ.get(FORCE_FLOAT16) == "1":
+        return torch.float16, f"float16 with loss scaling, because {FORCE_FLOAT16}=1 (the path for GPUs without bf16)"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"bf16 (compute capability {major}.{minor})"
+        return torch.float16, (f"float16 with loss scaling, because this GPU (compute capability {major}.{minor}) has no "
+                               f"bf16: Muon orthogonalises in float16, the embeddings are float32")
+    if device.type == "cpu" and (slowdown := bf16_slowdown()) >= 3:
+        return torch.float32, f"float32, because this CPU has no bf16 instructions (bf16 matmuls {slowdown:.0f}x slower)"
+    return torch.bfloat16, "bf16"
+
+# ---------------------------------------------------------------------------
 # Memory fit: the largest micro-batch that fits, the same tokens per optimizer step
 # ---------------------------------------------------------------------------
 

@@ -626,13 +626,21 @@ def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
                       training_claimed="-" if training_seconds is None else f"{training_seconds:.1f}",
                       eval_seconds=f"{time.time() - t0:.1f}", **{name: JUDGE_SETTINGS[name] for name in JUDGE_LOGGED},
                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                      torch=torch.__version__, val_digest=validation_digest(groups)[0],
+                      torch=torch.__version__, precision=autocast_precision(device),
+                      val_digest=validation_digest(groups)[0],
                       val_opened=_judge["val_opened"], replaced=",".join(replaced) or "-")
         log_evaluation(val_bpb, EVAL_TOKENS // MAX_SEQ_LEN * MAX_SEQ_LEN, fields)
         return val_bpb
     finally:
         _judge["evaluating"] = False
         module.update({name: value for name, value in swapped.items() if value is not None})
+
+
+def autocast_precision(device):
+    """The dtype the evaluation ran in: autocast's where it is on (train.py evaluates as it trained), else float32."""
+    if torch.is_autocast_enabled(device.type):
+        return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
+    return "float32"
 
 
 def training_record(now):

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader
-from machine import (ATTENTION, COMPILE, bf16_slowdown, cuda_peak_mb, fit_micro_batch, flash_attn_func,
-                     keep_freed_memory, prepare_attention, synchronize)
+from machine import (ATTENTION, COMPILE, autocast_dtype, cuda_peak_mb, fit_micro_batch, flash_attn_func,
+                     keep_freed_memory, peak_flops, prepare_attention, synchronize)
 
 print(f"Attention: {ATTENTION}", flush=True)  # the hub's Flash Attention 3, or PyTorch's with the same windows
 if torch.cuda.is_available() and not COMPILE:
@@ -276,14 +276,14 @@ adamw_step_fused = compile_step(adamw_step) if COMPILE else adamw_step  # eager 
 
 
 def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
-                    momentum_t, lr_t, wd_t, beta2_t, ns_steps: int, red_dim: int):
+                    momentum_t, lr_t, wd_t, beta2_t, ns_steps: int, red_dim: int, ortho_dtype=torch.bfloat16):
     """One Muon step on k same-shape matrices (k, rows, cols): Nesterov, Polar Express, NorMuon, cautious wd."""
     # Nesterov momentum
     momentum = momentum_t.to(stacked_grads.dtype)
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
-    # Polar Express orthogonalisation, in bf16
-    X = g.bfloat16()
+    # Polar Express orthogonalisation, in bf16 (float16 on GPUs without bf16)
+    X = g.to(ortho_dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     if g.size(-2) > g.size(-1):  # tall: work with the small X^T X
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
@@ -360,7 +360,8 @@ class MuonAdamW(torch.optim.Optimizer):
         t["muon_wd"].fill_(group["weight_decay"])
         t["muon_beta2"].fill_(group["beta2"])
         muon_step_fused(stacked_grads, stacked_params, state["momentum_buffer"], state["second_momentum_buffer"],
-                        t["momentum"], t["muon_lr"], t["muon_wd"], t["muon_beta2"], group["ns_steps"], red_dim)
+                        t["momentum"], t["muon_lr"], t["muon_wd"], t["muon_beta2"], group["ns_steps"], red_dim,
+                        group.get("ortho_dtype", torch.bfloat16))
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
     def step(self):
@@ -400,26 +401,12 @@ DEVICE_BATCH_SIZE = 128     # sequences per forward/backward; lower it if memory
 # Device and schedules (the schedules are driven by the fraction of the time budget used)
 # ---------------------------------------------------------------------------
 
-GPU_PEAK_FLOPS = {  # bf16 dense tensor-core peak by a part of the CUDA device name; the longest match wins
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.5e12, "H200 NVL": 835e12, "H200": 989.5e12,
-    "H800 PCIe": 756e12, "H800": 989.5e12,
-    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362.05e12, "L40": 181.05e12, "L4": 121e12,
-    "RTX 4090": 165.2e12,
-}
-
-
 def get_device():
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def get_peak_flops(device_name):
-    """bf16 dense peak of a CUDA device by its name ("NVIDIA L40" is an L40, not an L4); None where unknown."""
-    matches = [key for key in GPU_PEAK_FLOPS if key in device_name]
-    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def get_lr_multiplier(progress):
@@ -451,15 +438,14 @@ def main():
     torch.set_float32_matmul_precision("high")
     device = get_device()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    peak_flops = get_peak_flops(device_name)
-    print(f"Device: {device_name} (bf16 peak: {f'{peak_flops / 1e12:.1f} TFLOP/s' if peak_flops else 'unknown, MFU n/a'})")
+    peak = peak_flops(device_name)
+    print(f"Device: {device_name} (peak: {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown, MFU n/a'})")
     if device.type == "cpu":
         keep_freed_memory()  # glibc: no unmapping and re-faulting of every large tensor at every step
-    slowdown = bf16_slowdown() if device.type == "cpu" else 1.0
-    bf16 = slowdown < 3  # a CPU without bf16 instructions emulates it, 20-50x slower than float32
-    if not bf16:
-        print(f"CPU without bf16 instructions (bf16 matmuls {slowdown:.0f}x slower than float32): training in float32")
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    dtype, why = autocast_dtype(device)
+    print(f"Precision: {why}")
+    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # float16's narrow range
 
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
     if TOTAL_BATCH_SIZE % tokens_per_fwdbwd != 0:
@@ -481,8 +467,8 @@ def main():
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    if not bf16:
-        model.float()  # the embeddings are stored in bf16
+    if dtype != torch.bfloat16:
+        model.float()  # the embeddings are stored in bf16: float32 here (the loss scaler refuses float16 gradients)
 
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
@@ -494,6 +480,8 @@ def main():
 
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
+    for group in (g for g in optimizer.param_groups if g["kind"] == "muon" and dtype == torch.float16):
+        group["ortho_dtype"] = torch.float16  # Polar Express in float16 where bf16 is missing (docs/small-machines.md)
     if COMPILE:
         model = compile_model(model, device)
 
@@ -520,6 +508,7 @@ def main():
     smooth_train_loss = 0.0
     total_training_time = 0.0
     counted_steps = 0
+    skipped_steps = 0
     step = 0
 
     while True:
@@ -530,7 +519,7 @@ def main():
                 loss = model(x, y)
             train_loss = loss.detach()
             loss = loss / grad_accum_steps
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
             x, y, epoch = next(train_loader)
 
         progress = min(total_training_time / TIME_BUDGET, 1.0)
@@ -542,7 +531,13 @@ def main():
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum
                 group["weight_decay"] = muon_weight_decay
-        optimizer.step()
+        if scaler:  # float16: the step unscales; a step whose gradients overflowed is skipped, the scale lowered
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped_steps += scaler.get_scale() < scale
+        else:
+            optimizer.step()
         model.zero_grad(set_to_none=True)
 
         train_loss_f = train_loss.item()
@@ -561,7 +556,7 @@ def main():
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))
         pct_done = 100 * progress
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
-        mfu = f"{100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops:.1f}%" if peak_flops else "n/a"
+        mfu = f"{100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak:.1f}%" if peak else "n/a"
         remaining = max(0, TIME_BUDGET - total_training_time)
         print(f"\rstep {step:05d} ({pct_done:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
               f"dt: {dt * 1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu} | epoch: {epoch} | "
@@ -592,11 +587,13 @@ def main():
         val_bpb = evaluate_bpb(model, tokenizer, micro_batch, training_seconds=total_training_time)
     t_end = time.time()
 
-    if peak_flops and total_training_time > 0:
-        mfu_percent = f"{100 * num_flops_per_token * TOTAL_BATCH_SIZE * counted_steps / total_training_time / peak_flops:.2f}"
+    if peak and total_training_time > 0:
+        mfu_percent = f"{100 * num_flops_per_token * TOTAL_BATCH_SIZE * counted_steps / total_training_time / peak:.2f}"
     else:
         mfu_percent = "n/a"
     peak_vram_mb = cuda_peak_mb(device)  # training and evaluation: the memory fit reset the peak
+    if scaler:
+        print(f"Loss scaling: {skipped_steps} of {step} optimizer steps skipped (float16 gradients overflowed)")
 
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")

@@ -94,7 +94,37 @@ def test_synchronize_waits_on_train_pys_device(fake_cuda):
 def test_the_device_name_and_its_peak_flops(fake_cuda, name, peak):
     fake_cuda.properties.name = name
     device_name = torch.cuda.get_device_name(train.get_device())  # train.main's own call
-    assert device_name == name and train.get_peak_flops(device_name) == peak
+    assert device_name == name and machine.peak_flops(device_name) == peak
+
+
+@pytest.mark.parametrize("name,peak", [  # as torch names them; the datasheets' dense figures for the dtype that trains
+    ("Tesla T4", 65e12), ("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12),
+    ("Tesla V100S-PCIE-32GB", 130e12), ("NVIDIA GeForce RTX 3090", 71e12), ("NVIDIA GeForce RTX 4090", 165.2e12),
+    ("NVIDIA GeForce RTX 5090", 209.5e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181.05e12), ("NVIDIA L40S", 362.05e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989.5e12), ("NVIDIA B200", 2250e12), ("NVIDIA GB200", 2500e12), ("NVIDIA GB10", None),
+    ("AMD Instinct MI300X", 1307.4e12), ("AMD Instinct MI250X/MI250", 191.5e12), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_the_peak_is_the_longest_name_in_the_table_that_the_device_has(name, peak):
+    """An L40 is not an L4, an A100 not an A10, a GB200 not a B200; an A10G or a GB10, with no published figure,
+    has no MFU rather than a neighbour's."""
+    assert machine.peak_flops(name) == peak
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16), ((12, 0), torch.bfloat16)])
+def test_the_precision_is_the_gpus_compute_capability(fake_cuda, monkeypatch, capability, dtype):
+    """A T4 (7.5) or a V100 (7.0) trains in float16 with loss scaling, whatever torch.cuda.is_bf16_supported() says
+    (it counts emulation); 8.0 and up in bf16. AUTORESEARCH_FLOAT16=1 forces the float16 path anywhere."""
+    fake_cuda.properties.major, fake_cuda.properties.minor = capability
+    monkeypatch.delenv(machine.FORCE_FLOAT16, raising=False)
+    got, why = machine.autocast_dtype(train.get_device())
+    assert got == dtype and f"compute capability {capability[0]}.{capability[1]}" in why
+    assert ("loss scaling" in why) == (dtype == torch.float16)
+    monkeypatch.setenv(machine.FORCE_FLOAT16, "1")
+    assert machine.autocast_dtype(train.get_device())[0] == torch.float16
 
 
 def test_cudas_out_of_memory_is_recognised_and_the_cache_handed_back(fake_cuda):

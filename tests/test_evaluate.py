@@ -85,7 +85,7 @@ def test_evaluates_a_real_gpt_on_the_cpu(tokenizer, small_eval):
 
 JUDGE_FIELDS = ["run", "elapsed", "training", "steps", "step_seconds", "longest_step", "training_claimed",
                 "eval_seconds", "EVAL_TOKENS", "MAX_SEQ_LEN", "TIME_BUDGET", "VOCAB_SIZE", "device", "torch",
-                "val_digest", "val_opened", "replaced"]
+                "precision", "val_digest", "val_opened", "replaced"]
 
 
 def judge_lines():
@@ -115,6 +115,7 @@ def test_each_evaluation_leaves_the_judges_line(tokenizer, small_eval, monkeypat
     assert (one["EVAL_TOKENS"], one["MAX_SEQ_LEN"], one["TIME_BUDGET"], one["VOCAB_SIZE"]) == (
         str(5 * B * T + 17), str(T), "300", "8192")
     assert one["device"] == "cpu" and one["torch"] == torch.__version__ and one["replaced"] == "-"
+    assert one["precision"] == "float32"  # no autocast here; train.py evaluates under its own (test_train_run)
     assert one["val_digest"] == two["val_digest"] == files.recorded_val_digest(tiny_cache.tokenizer_dir)
     assert one["val_opened"] == "0"
     assert 0 < float(one["elapsed"]) <= float(two["elapsed"]) and float(one["eval_seconds"]) >= 0

@@ -71,15 +71,6 @@ def test_flops_per_token_for_windows_minus_one_whole_and_half():
     assert model.estimate_flops() == expected
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA L40", 181.05e12), ("NVIDIA L40S", 362.05e12), ("NVIDIA L4", 121e12),
-    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA GeForce GTX 1080", None),
-])
-def test_peak_flops_by_device_name(name, peak):
-    """The longest name in the table that appears in the device's name: an L40 is not an L4."""
-    assert train.get_peak_flops(name) == peak
-
-
 @pytest.mark.parametrize("depth", [1, 2, 5, 8])
 def test_value_embeddings_on_alternating_layers_ending_with_the_last(depth):
     model = meta_model(default_config(depth=depth))

@@ -278,7 +278,7 @@ def record(repo, id, commit, sha, val_bpb, cluster_home):
             run=id, elapsed="8.0", training="1.6", steps=30, step_seconds="0.040", longest_step="0.050",
             training_claimed="1.0", eval_seconds="0.5", EVAL_TOKENS=2048, MAX_SEQ_LEN=64,
             TIME_BUDGET=TINY_PREPARE["TIME_BUDGET"], VOCAB_SIZE=8192, device="NVIDIA H100 80GB HBM3",
-            torch="2.9.1+cu128", val_digest=recorded_val_digest(), val_opened=0, replaced="-")))
+            torch="2.9.1+cu128", precision="bfloat16", val_digest=recorded_val_digest(), val_opened=0, replaced="-")))
     copy_judge_file(repo, id, cluster_home)
     out = sh(fill(protocol_command("grep -o \"val_bpb"), id=id), repo)
     return float(re.search(r"val_bpb:\s*(\S+)", out).group(1))
