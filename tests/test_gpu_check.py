@@ -64,12 +64,12 @@ def test_a_log_without_compilation_or_summary():
 def test_the_plan_names_every_step_and_what_is_done(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
-    assert [line.split()[:2] for line in plan[1:6]] == [[name, "to"] for name in gpu_check.STEPS]
+    assert [line.split()[:2] for line in plan[1:len(gpu_check.STEPS) + 1]] == [[name, "to"] for name in gpu_check.STEPS]
     (tmp_path / "defaults.json").write_text("{}")
     gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     plan = capsys.readouterr().out.splitlines()
     assert plan[2].split()[:2] == ["defaults", "done"] and plan[3].split()[:2] == ["small", "to"]
-    assert plan[-1] == "about 12 minutes of GPU time; one step per call: --step NAME"  # 2 + 7 + 3 + 0
+    assert plan[-1] == "about 15 minutes of GPU time; one step per call: --step NAME"  # 2 + 7 + 3 + 3 + 0
     assert not (tmp_path / "report.md").exists()
 
 
@@ -86,7 +86,8 @@ def test_the_defaults_step_runs_train_py_in_a_temporary_copy(tiny_cache, tmp_pat
     assert not {"judge.log", "run.log"} & set(os.listdir(project))  # the run had a directory of its own
     report = (out / "report.md").read_text()
     assert "## The defaults, full budget" in report and f"val_bpb:          {figures['summary']['val_bpb']}" in report
-    assert "Not run yet: tests, small, attention." in report
+    assert "Not run yet: tests, small, attention, float16." in report
+    assert f"Precision: {figures['precision']}" in report and figures["precision"] in ("bf16", "float32")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU branch")
@@ -177,7 +178,7 @@ def test_the_report_from_known_figures(tmp_path):
     lines = gpu_check.report(figures).splitlines()
     assert lines[2] == ("Device NVIDIA H100 80GB HBM3 (85.0 GB), driver 580.159.04, torch 2.11.0+cu130 (CUDA 13.0), "
                         "Triton 3.6.0, Python 3.12.3.")
-    assert "Not run yet: defaults." in lines
+    assert "Not run yet: defaults, float16." in lines
     assert ("`-m pytest tests/test_attention.py`: 80 passed, 0 failed, 0 errors, 1 not run, in 41.0 s "
             "(exit status 0).") in lines
     assert ("- `tests/test_attention.py::test_hub_kernel_matches_fallback[1024-4-4]`: not run: hub unreachable "

@@ -2,8 +2,8 @@
 under a 24 GB limit (a smaller card), and every attention backend this torch offers timed and checked; one
 markdown report with the GPU, driver and torch version.
 
-    python tools/gpu_check.py                  # every step not done yet, then the report (about 20 minutes)
-    python tools/gpu_check.py --step small     # one step, done again; steps: tests defaults small attention report
+    python tools/gpu_check.py                  # every step not done yet, then the report (about 25 minutes)
+    python tools/gpu_check.py --step small     # one step, done again; steps: tests defaults small attention float16 report
     python tools/gpu_check.py --dry-run        # the plan, and which steps are done
     python tools/gpu_check.py --out DIR        # where the figures go (default ./gpu-check, ignored by git)
 
@@ -36,6 +36,7 @@ STEPS = {  # name: (what it does, minutes on an H100)
     "defaults": ("train.py unmodified for the full budget: summary, tokens/s, compile seconds", 7),
     "small": ("the same under a 24 GB limit, a 60 s budget: the micro-batch chosen, graphs, recompiles, peak memory", 7),
     "attention": ("every attention backend at the default shapes, forward and backward, checked and timed", 3),
+    "float16": ("the float16 path of GPUs without bf16, forced (AUTORESEARCH_FLOAT16=1), a 60 s budget", 3),
     "report": ("report.md from the figures of the steps above", 0),
 }
 SMALL_CARD = 24 * 2**30         # bytes: a 24 GB card (RTX 3090/4090, L4), emulated with a per-process memory fraction
@@ -68,6 +69,8 @@ def parse_run(log):
                            r"(?:, (\d+) compiled graphs? \(recompile limit (\d+)\))?", line):
             figures["fit"] = dict(micro_batch=int(m[1]), sizes_probed=int(m[2]), seconds=float(m[3]),
                                   graphs=int(m[4]) if m[4] else None, recompile_limit=int(m[5]) if m[5] else None)
+        elif line.startswith(("Precision: ", "Loss scaling: ")):
+            figures[line.split(":")[0].lower().replace(" ", "_")] = line.split(": ", 1)[1]
         elif line.startswith("DEVICE_BATCH_SIZE ") and " does not fit" in line:
             figures["shrunk"] = line
         elif re.search(r"Recompiling function forward in \S*train\.py", line):  # TORCH_LOGS=recompiles: the
@@ -152,7 +155,7 @@ def test_outcomes(junit_xml):
     return outcomes
 
 
-def run_train(args, name, memory_limit=None, budget=None):
+def run_train(args, name, memory_limit=None, budget=None, env=None):
     """train.py in a temporary copy of the project, as the agent runs it (output into a log), with the copy's
     TIME_BUDGET set to `budget` if given; its figures."""
     import torch
@@ -168,7 +171,7 @@ def run_train(args, name, memory_limit=None, budget=None):
     if memory_limit is not None:
         command = [sys.executable, "-c", LIMITED_RUN.format(limit=memory_limit)]
     env = dict(os.environ, PYTORCH_ALLOC_CONF="expandable_segments:True", TORCH_LOGS="recompiles",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(env or {}))
     log_path = os.path.join(args.out, f"{name}.log")
     t0 = time.time()
     with open(log_path, "w") as log:
@@ -197,6 +200,13 @@ def step_small(args):
     if not torch.cuda.is_available():
         return dict(skipped="no CUDA device: a per-process memory fraction needs one")
     return run_train(args, "small", memory_limit=SMALL_CARD, budget=SMALL_BUDGET)
+
+
+def step_float16(args):
+    import torch
+    if not torch.cuda.is_available():
+        return dict(skipped="no CUDA device: the float16 path is for GPUs without bf16")
+    return run_train(args, "float16", budget=SMALL_BUDGET, env={"AUTORESEARCH_FLOAT16": "1"})
 
 
 def naive_reference(q, k, v, left):
@@ -315,6 +325,8 @@ def run_section(title, figures):
     limit += f", a {figures['budget']} s budget" if figures.get("budget") else ""
     out.append(f"Exit status {figures['status']} after {figures['seconds']} s{limit}; log: `{figures['log']}`.")
     out.append(f"Attention: {figures.get('attention')}")
+    out += [f"{label}: {figures[key]}" for key, label in (("precision", "Precision"), ("loss_scaling", "Loss scaling"))
+            if figures.get(key)]
     if figures.get("shrunk"):
         out.append(f"`{figures['shrunk']}`")
     fit = figures.get("fit")
@@ -355,6 +367,8 @@ def report(figures):
         out += run_section("The defaults, full budget", figures["defaults"])
     if "small" in figures:
         out += run_section("Under a 24 GB limit", figures["small"])
+    if "float16" in figures:
+        out += run_section("Float16 with loss scaling, forced", figures["float16"])
     if "attention" in figures:
         a = figures["attention"]
         out += ["## Attention backends", "", f"Forward and backward on {a['device']} in {a['dtype']}; each checked "
