@@ -28,15 +28,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from files import JUDGE_LOG, JUDGE_LOGGED, read_judge_log, recorded_val_digest
+from files import AGENT_FILES, JUDGE_LOG, JUDGE_LOGGED, STATUSES, git, read_judge_log, read_ledger, recorded_val_digest
 
 # ---------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------
 
-HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
-STATUSES = ("keep", "discard", "crash")
-AGENT_FILES = ["train.py"]     # the only file a night may change; every other file of the project is fixed
 TIME_SLACK = 0.05              # an evaluation may come the budget, this fraction of it, TIME_STEPS of the judge's
 TIME_STEPS = 13                # median steps (11 uncounted, the last, the evaluation's start), its longest step and
 TIME_GRACE = 1.0               # these seconds after the training began, before the run counts as trained too long
@@ -51,47 +48,6 @@ TOP_GAINS = 5                  # largest gains listed
 # ---------------------------------------------------------------------------
 # Reading the ledger
 # ---------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    line: int          # line number in results.tsv
-    commit: str
-    val_bpb: float
-    val_bpb_text: str  # as written, for the comparison with the judge's log
-    memory_gb: float
-    status: str
-    description: str
-
-
-def read_ledger(path):
-    """(rows, problems): every well-formed row, and one message per line that was skipped."""
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().splitlines()  # \n, \r\n and \r alike
-    rows, problems = [], []
-    header_seen = False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if not header_seen:
-            header_seen = True
-            if [f.strip() for f in fields] == HEADER:
-                continue
-            problems.append(f"line {number}: expected the header {chr(9).join(HEADER)!r}; read as a row")
-        if len(fields) != len(HEADER):
-            problems.append(f"line {number}: {len(fields)} tab-separated fields instead of {len(HEADER)}; skipped")
-            continue
-        commit, val_bpb, memory_gb, status, description = (f.strip() for f in fields)
-        try:
-            value, memory = float(val_bpb), float(memory_gb)
-        except ValueError:
-            problems.append(f"line {number}: val_bpb {val_bpb!r} or memory_gb {memory_gb!r} is not a number; skipped")
-            continue
-        if status.lower() not in STATUSES:
-            problems.append(f"line {number}: status {status!r} is not one of {', '.join(STATUSES)}; skipped")
-            continue
-        rows.append(Row(number, commit, value, val_bpb, memory, status.lower(), description))
-    return rows, problems
 
 # ---------------------------------------------------------------------------
 # Experiments and their noise: a commit's rows are its runs
@@ -252,15 +208,6 @@ def report(rows):
 # ---------------------------------------------------------------------------
 # The audit: the ledger against git and the judge's own log
 # ---------------------------------------------------------------------------
-
-def git(directory, *args):
-    """stdout of a git command in `directory`, or None when it fails."""
-    try:
-        result = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True)
-    except OSError:
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
 
 def find_branch(rows, directory, named=None):
     """(the night's branch, a note or None): the branch named, else the one holding the most kept commits,

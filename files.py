@@ -7,11 +7,16 @@ Standard library only, so that the morning report and the night's hooks start fa
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+AGENT_FILES = ["train.py"]     # the only file a night may change; every other file of the project is fixed
+LEDGER_HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]  # results.tsv's, tab-separated
+STATUSES = ("keep", "discard", "crash")
+GIT_TIMEOUT = 30                # seconds a git command of the audit or of the night's hooks may take
 STALE_TEMPORARY = 3600          # seconds after which another machine's temporary file counts as abandoned
 CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
 VAL_DIGEST = "val_digest.txt"   # in the tokenizer's folder: the validation tokens' digest, recorded by prepare.py
@@ -21,6 +26,11 @@ JUDGE_FIELDS = ["run", "elapsed", "training", "steps", "step_seconds", "longest_
                 "eval_seconds", *JUDGE_LOGGED, "device", "torch", "precision", "val_digest", "val_opened", "replaced"]
 # judge.log's key=value fields, after time, sha256, val_bpb and tokens
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # judge.log's first field, in UTC
+
+def hf_endpoint():
+    """Where the data set and the kernel hub are downloaded from: $HF_ENDPOINT (a mirror), else huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
 
 # ---------------------------------------------------------------------------
 # Files in the cache: durable, and never half-written under their final name
@@ -144,3 +154,57 @@ def read_judge_log(path):
                 extra = dict(field.split("=", 1) for field in fields[4:] if "=" in field)
                 runs.append(JudgeRun(number, when, fields[1], fields[2], extra))
     return runs
+
+# ---------------------------------------------------------------------------
+# results.tsv, the agent's ledger, and git: read by the morning report and by the night's hooks
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    line: int          # line number in results.tsv
+    commit: str
+    val_bpb: float
+    val_bpb_text: str  # as written, for the comparison with the judge's log
+    memory_gb: float
+    status: str
+    description: str
+
+
+def read_ledger(path):
+    """(rows, problems): every well-formed row, and one message per line that was skipped."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().splitlines()  # \n, \r\n and \r alike
+    rows, problems = [], []
+    header_seen = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if not header_seen:
+            header_seen = True
+            if [f.strip() for f in fields] == LEDGER_HEADER:
+                continue
+            problems.append(f"line {number}: expected the header {chr(9).join(LEDGER_HEADER)!r}; read as a row")
+        if len(fields) != len(LEDGER_HEADER):
+            problems.append(f"line {number}: {len(fields)} tab-separated fields instead of {len(LEDGER_HEADER)}; skipped")
+            continue
+        commit, val_bpb, memory_gb, status, description = (f.strip() for f in fields)
+        try:
+            value, memory = float(val_bpb), float(memory_gb)
+        except ValueError:
+            problems.append(f"line {number}: val_bpb {val_bpb!r} or memory_gb {memory_gb!r} is not a number; skipped")
+            continue
+        if status.lower() not in STATUSES:
+            problems.append(f"line {number}: status {status!r} is not one of {', '.join(STATUSES)}; skipped")
+            continue
+        rows.append(Row(number, commit, value, val_bpb, memory, status.lower(), description))
+    return rows, problems
+
+
+def git(directory, *args):
+    """stdout of a git command in `directory`, or None when it fails (or takes more than GIT_TIMEOUT)."""
+    try:
+        result = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=GIT_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None

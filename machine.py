@@ -13,12 +13,14 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from files import hf_endpoint
 from prepare import is_out_of_memory, make_dataloader, release_memory
 
 COMPILE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # CUDA's compiler is Triton
@@ -72,15 +74,14 @@ def pytorch_attention(q, k, v, causal=False, window_size=(-1, -1)):
 
 
 def prepare_attention(seq_len, window_sizes, device):
-    """Build the fallback's block masks before torch.compile traces the model (nothing to do for the hub's kernel)."""
-    if flash_attn_func is pytorch_attention:
-        for left, _ in set(window_sizes):
-            sliding_window_block_mask(seq_len, left, device)
+    """Build the fallback's block masks before torch.compile traces the model."""
+    for left, _ in set(window_sizes):
+        sliding_window_block_mask(seq_len, left, device)
 
 
 def hub_reachable(timeout=HUB_TIMEOUT):
     """Whether the kernel hub ($HF_ENDPOINT, default huggingface.co) answers within `timeout` seconds."""
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = urlsplit(hf_endpoint())
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
         return True
@@ -117,12 +118,14 @@ def load_flash_attention_3(device="cuda", compiled=COMPILE):
         return None, f"{repo} did not load ({type(e).__name__}: {reason})"
 
 
-flash_attn_func, ATTENTION = load_flash_attention_3()
-if flash_attn_func is None:
-    ATTENTION = f"PyTorch attention (SDPA; FlexAttention windows when compiled), because {ATTENTION}"
-    flash_attn_func = pytorch_attention
-else:
-    ATTENTION = f"Flash Attention 3 from {ATTENTION}"
+def load_attention(device, compiled=COMPILE):
+    """(flash_attn_func, a line naming it): the hub's Flash Attention 3 where it loads and passes its check on this GPU
+    (the hub asked for 3 s at most, else its local cache), else pytorch_attention, and why. train.py calls it once,
+    in main: importing this file reaches no network and sets no environment variable."""
+    fa3, source = load_flash_attention_3(device, compiled)
+    if fa3 is None:
+        return pytorch_attention, f"PyTorch attention (SDPA; FlexAttention windows when compiled), because {source}"
+    return fa3, f"Flash Attention 3 from {source}"
 
 # ---------------------------------------------------------------------------
 # Memory: how much a run may take, how much it took
@@ -196,8 +199,19 @@ def cuda_peak_mb(device):
     return torch.cuda.max_memory_allocated(device) / 1024 / 1024 if device.type == "cuda" else 0.0
 
 # ---------------------------------------------------------------------------
-# The CPU: glibc's allocator, bf16 speed
+# The device: which one trains, glibc's allocator on the CPU, bf16's speed there
 # ---------------------------------------------------------------------------
+
+def training_device():
+    """The device a run trains on: CUDA, else Apple's MPS, else the CPU, where glibc is then told to keep what is
+    freed (keep_freed_memory)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    keep_freed_memory()
+    return torch.device("cpu")
+
 
 def keep_freed_memory():
     """Make glibc serve large tensors from its heap and keep what is freed for the next step, instead of handing
@@ -305,6 +319,7 @@ def synchronize(device):
 
 
 EVALUATION_GRAPHS = 2  # compiled graphs the evaluation adds (eval mode, no gradients, per-token losses; one spare)
+HEADROOM = 0.85        # of what the CPU or MPS can still give, what an extrapolated size may take
 
 
 def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, seq_len, tokens_per_step):
@@ -313,94 +328,108 @@ def fit_micro_batch(model, optimizer, tokenizer, device, autocast_ctx, largest, 
     and in one line what the fit cost; exits with one line when not even 1 sequence fits. Leaves CUDA's peak
     memory reset, so the run reports its own.
 
-    A probe is forward and backward on the first batch of a train loader of that size (on the model's device), the
-    optimizer's step (which allocates its state), then forward and backward again with that state and the
-    gradients held, as training holds them from its second step on; then the weights and the optimizer are
-    restored exactly as they were. Sizes are probed from the largest down; one whose allocation fails is
-    skipped, and what it allocated is handed back first. On the CPU and MPS the kernel kills a process that
-    takes too much instead of failing the allocation, so there the peak memory of the two smallest sizes is
-    first extrapolated against what the machine can give, and a size that would not fit is never tried.
-
-    A compiled model (dynamic=False) compiles a graph per size probed; torch.compile's recompile limit
-    (8 by default) is raised to every size plus the evaluation's graphs, so that past it torch never falls
-    back to running the training or the evaluation eagerly.
-    """
+    Sizes are probed from the largest down (Trial.probe); one whose allocation fails is skipped. On the CPU and
+    MPS the kernel kills a process that takes too much instead of failing the allocation, so there a size that
+    would not fit is never tried (sizes_that_fit)."""
     t_start = time.time()
     sizes = [b for b in range(largest, 0, -1) if tokens_per_step % (b * seq_len) == 0]
-    dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile; importing it costs seconds otherwise
-    compiled = dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
-    if compiled:
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, len(sizes) + EVALUATION_GRAPHS)
-    probed = set()
+    recompile_limit = allow_a_graph_per_size(model, len(sizes))
+    trial = Trial(model, optimizer, tokenizer, device, autocast_ctx, seq_len)
+    limit = memory_limit(device)
+    if device.type != "cuda" and limit is not None:
+        sizes = sizes_that_fit(trial, sizes, limit)
+    memory = f"{limit / 1e9:.1f} GB" if limit else "memory"
+    for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
+        if (seconds := trial.probe(b, 2)) is not None:
+            if b < largest:
+                print(f"DEVICE_BATCH_SIZE {largest} does not fit in {memory}: using {b}, "
+                      f"{tokens_per_step // (b * seq_len)} accumulation steps", flush=True)
+            probed, plural = len(trial.probed), "s" * (len(trial.probed) != 1)
+            graphs = f", {probed} compiled graph{plural} (recompile limit {recompile_limit})" if recompile_limit else ""
+            print(f"Memory fit: micro-batch {b}, {probed} size{plural} probed in {time.time() - t_start:.1f}s{graphs}",
+                  flush=True)
+            reset_peak_memory(device)
+            return b, seconds
+    sys.exit(f"error: not even a micro-batch of 1 sequence of {seq_len} tokens fits in {memory}; "
+             f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
 
-    def micro_steps(b, count):
-        """Seconds of the last of `count` forward and backward passes on b sequences (the first may compile), with a
-        train loader of b open as in training (on the CPU its thread and buffers count too)."""
-        loader = make_dataloader(tokenizer, b, seq_len, "train", device=next(model.parameters()).device)
-        try:
-            x, y, _ = next(loader)
-            for micro_step in range(count):
-                synchronize(device)
-                t0 = time.time()
-                with autocast_ctx:
-                    loss = model(x, y)
-                loss.backward()
-                synchronize(device)
-                if micro_step == 0:  # its state then stays, beside the gradients, as in every later training step
-                    optimizer.step()
-            return time.time() - t0
-        finally:
-            loader.close()
 
-    def probe(b, count):
-        """Seconds of a micro-step of b sequences, or None when b ran out of memory: weights and optimizer put back."""
-        probed.add(b)
-        weights = [p.detach().clone() for p in model.parameters()]
-        optimizer_state = copy.deepcopy(optimizer.state_dict())
+@dataclass
+class Trial:
+    """What the memory fit's probes run: the model and its optimizer on a train loader's batches of seq_len tokens,
+    under autocast, on the device; and the sizes probed so far."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    device: torch.device
+    autocast_ctx: object
+    seq_len: int
+    probed: set = field(default_factory=set)
+
+    def probe(self, b, count):
+        """Seconds of a micro-step of b sequences, or None when b ran out of memory (what it allocated then handed
+        back); the weights and the optimizer put back as they were, whatever happened."""
+        self.probed.add(b)
+        weights = [p.detach().clone() for p in self.model.parameters()]
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         try:
-            return micro_steps(b, count)
+            return self.micro_steps(b, count)
         except Exception as e:  # the failed step's batch, loss and activations go with its frame
             if not is_out_of_memory(e):
                 raise
         finally:
             with torch.no_grad():
-                for p, w in zip(model.parameters(), weights):
+                for p, w in zip(self.model.parameters(), weights):
                     p.copy_(w)
-            optimizer.load_state_dict(optimizer_state)
-            model.zero_grad(set_to_none=True)
+            self.optimizer.load_state_dict(optimizer_state)
+            self.model.zero_grad(set_to_none=True)
+        release_memory(self.device)  # once nothing of the failed probe is referenced
         return None
 
-    def fits(b, count):
-        """probe(b, count); after a failed one, once nothing of it is referenced, the cache is handed back."""
-        if (seconds := probe(b, count)) is None:
-            release_memory(device)
-        return seconds
+    def micro_steps(self, b, count):
+        """Seconds of the last of `count` forward and backward passes on the first batch of a train loader of b
+        sequences, kept open as in training (on the CPU its thread and buffers count too); the optimizer steps after
+        the first (its state then stays, beside the gradients, as in every later training step). The first may
+        compile."""
+        loader = make_dataloader(self.tokenizer, b, self.seq_len, "train", device=next(self.model.parameters()).device)
+        try:
+            x, y, _ = next(loader)
+            for micro_step in range(count):
+                synchronize(self.device)
+                t0 = time.time()
+                with self.autocast_ctx:
+                    loss = self.model(x, y)
+                loss.backward()
+                synchronize(self.device)
+                if micro_step == 0:
+                    self.optimizer.step()
+            return time.time() - t0
+        finally:
+            loader.close()
 
-    limit = memory_limit(device)
-    if device.type != "cuda" and limit is not None and len(sizes) > 1:  # never try a size that would not fit
-        b2, b1 = sizes[-2:]
-        peaks = []
-        for b in (b1, b2):
-            if fits(b, 1) is None:
-                break
-            peaks.append(peak_memory(device))
-        if len(peaks) < 2:
-            sizes = sizes[-len(peaks):] if peaks else []
-        else:
-            per_sequence = max(peaks[1] - peaks[0], 0) / (b2 - b1)
-            headroom = 0.85 * (limit - peaks[0])  # a margin for fragmentation and what a probe does not do
-            sizes = [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= headroom]
-    memory = f"{limit / 1e9:.1f} GB" if limit else "memory"
-    for b in sizes:  # from the largest down: a failed allocation raises (CUDA, an address-space limit, MPS)
-        if (seconds := fits(b, 2)) is not None:
-            if b < largest:
-                print(f"DEVICE_BATCH_SIZE {largest} does not fit in {memory}: using {b}, "
-                      f"{tokens_per_step // (b * seq_len)} accumulation steps", flush=True)
-            graphs = compiled and (f", {len(probed)} compiled graph{'s' * (len(probed) != 1)} "
-                                   f"(recompile limit {dynamo.config.recompile_limit})")
-            print(f"Memory fit: micro-batch {b}, {len(probed)} size{'s' * (len(probed) != 1)} probed in "
-                  f"{time.time() - t_start:.1f}s{graphs or ''}", flush=True)
-            reset_peak_memory(device)
-            return b, seconds
-    sys.exit(f"error: not even a micro-batch of 1 sequence of {seq_len} tokens fits in {memory}; "
-             f"make the model smaller (DEPTH, ASPECT_RATIO) and run again")
+
+def sizes_that_fit(trial, sizes, limit):
+    """The sizes a machine that kills instead of failing an allocation (the CPU, MPS) can take: the peak memory of the
+    two smallest, probed, extrapolated against `limit`, keeping HEADROOM for fragmentation and what a probe does not
+    do. Sizes from the largest down, the probed ones included."""
+    if len(sizes) < 2:
+        return sizes
+    b2, b1 = sizes[-2:]
+    peaks = []
+    for b in (b1, b2):
+        if trial.probe(b, 1) is None:
+            return sizes[-len(peaks):] if peaks else []
+        peaks.append(peak_memory(trial.device))
+    per_sequence = max(peaks[1] - peaks[0], 0) / (b2 - b1)
+    return [b for b in sizes if b <= b2 or per_sequence * (b - b1) <= HEADROOM * (limit - peaks[0])]
+
+
+def allow_a_graph_per_size(model, sizes):
+    """A compiled model (dynamic=False) compiles a graph per micro-batch size the fit probes: torch.compile's recompile
+    limit (8 by default) raised to every size plus the evaluation's graphs, so that past it torch never falls back to
+    running the training or the evaluation eagerly. The limit; None for a model that is not compiled."""
+    dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile; importing it costs seconds otherwise
+    if dynamo is None or not isinstance(model, dynamo.eval_frame.OptimizedModule):
+        return None
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, sizes + EVALUATION_GRAPHS)
+    return dynamo.config.recompile_limit

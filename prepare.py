@@ -37,7 +37,7 @@ import tiktoken
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from files import CACHE_DIR, JUDGE_LOG, JUDGE_LOGGED, VAL_DIGEST, judge_line, sweep_temporary_files, write_durably
+from files import CACHE_DIR, JUDGE_LOG, JUDGE_LOGGED, VAL_DIGEST, hf_endpoint, judge_line, sweep_temporary_files, write_durably
 
 # ---------------------------------------------------------------------------
 # Constants (fixed: they define the benchmark)
@@ -65,8 +65,7 @@ TOKENIZER_DOC_CAP = 10_000      # each document is cut to its first this many ch
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # tokenized shards, so each run does not re-tokenize them
-HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+BASE_URL = f"{hf_endpoint()}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 DOWNLOAD_ATTEMPTS = 5           # per shard
 RETRY_WAIT = 2                  # seconds after the first failed attempt, doubling after each later one
 CHUNK_SIZE = 1024 * 1024        # bytes per streamed write
@@ -740,7 +739,7 @@ def check_prepared():
     print(f"Data: {len(shards) - 1} training shards and {VAL_FILENAME}")
     print(f"Tokenizer: {VOCAB_SIZE} tokens in {TOKENIZER_DIR}")
     if not os.path.exists(os.path.join(TOKENIZER_DIR, VAL_DIGEST)):
-        print(f"Validation digest: not recorded (`uv run prepare.py` records it; the morning audit notes its absence)")
+        print("Validation digest: not recorded (`uv run prepare.py` records it; the morning audit notes its absence)")
     print("Ready: `uv run train.py`")
     return 0
 

@@ -6,7 +6,7 @@ Everything in this file is fair game; prepare.py (data, tokenizer, evaluate_bpb)
 
 Trains for TIME_BUDGET seconds of wall clock (compilation excluded), then evaluates val_bpb and prints a
 summary block. Runs on CUDA, else MPS, else CPU; attention is Flash Attention 3 from the kernel hub when it
-loads and runs here, else PyTorch attention with the same windows (machine.py picks it, as the run starts).
+loads and runs here, else PyTorch attention with the same windows (machine.py picks it as main starts).
 """
 
 import os
@@ -24,12 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, Tokenizer, evaluate_bpb, make_dataloader
-from machine import (ATTENTION, COMPILE, autocast_dtype, cuda_peak_mb, fit_micro_batch, flash_attn_func,
-                     keep_freed_memory, peak_flops, prepare_attention, synchronize)
+from machine import (COMPILE, autocast_dtype, cuda_peak_mb, fit_micro_batch, load_attention, peak_flops,
+                     prepare_attention, pytorch_attention, synchronize, training_device)
 
-print(f"Attention: {ATTENTION}", flush=True)  # the hub's Flash Attention 3, or PyTorch's with the same windows
-if torch.cuda.is_available() and not COMPILE:
-    print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
+flash_attn_func = pytorch_attention  # what the model's attention calls; main() loads the hub's Flash Attention 3 here
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -240,7 +238,8 @@ class GPT(nn.Module):
 
 def compile_model(model, device, backend="inductor", fullgraph=False):
     """torch.compile as the original compiles the model (static shapes), the fallback's masks built before tracing."""
-    prepare_attention(model.config.sequence_len, model.window_sizes, device)
+    if flash_attn_func is pytorch_attention:
+        prepare_attention(model.config.sequence_len, model.window_sizes, device)
     return torch.compile(model, dynamic=False, backend=backend, fullgraph=fullgraph)
 
 # ---------------------------------------------------------------------------
@@ -398,16 +397,8 @@ DEPTH = 8                   # transformer layers
 DEVICE_BATCH_SIZE = 128     # sequences per forward/backward; lower it if memory runs out
 
 # ---------------------------------------------------------------------------
-# Device and schedules (the schedules are driven by the fraction of the time budget used)
+# Schedules (driven by the fraction of the time budget used)
 # ---------------------------------------------------------------------------
-
-def get_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
 
 def get_lr_multiplier(progress):
     if progress < WARMUP_RATIO:
@@ -432,16 +423,19 @@ def get_weight_decay(progress):
 # ---------------------------------------------------------------------------
 
 def main():
+    global flash_attn_func
     t_start = time.time()
     torch.manual_seed(42)
     torch.cuda.manual_seed(42)
     torch.set_float32_matmul_precision("high")
-    device = get_device()
+    device = training_device()
+    flash_attn_func, attention = load_attention(device)
+    print(f"Attention: {attention}", flush=True)  # the hub's Flash Attention 3, or PyTorch's with the same windows
+    if device.type == "cuda" and not COMPILE:
+        print("Compile: off, because Triton is not installed (Windows, some CUDA installs): running eagerly, slower")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     peak = peak_flops(device_name)
     print(f"Device: {device_name} (peak: {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown, MFU n/a'})")
-    if device.type == "cpu":
-        keep_freed_memory()  # glibc: no unmapping and re-faulting of every large tensor at every step
     dtype, why = autocast_dtype(device)
     print(f"Precision: {why}")
     autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -21,12 +21,11 @@ line on stderr: a broken hook must never stall a night.
 import json
 import os
 import re
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from analysis import AGENT_FILES  # noqa: E402  (the one list of what a night may change, shared with the audit)
+from files import AGENT_FILES, git, read_ledger  # noqa: E402  (the audit's own: what a night may change, the ledger)
 
 STOP_FILE = "STOP"              # created by the human in the repository: the night ends at the agent's next stop
 STATE_FILE = "autoresearch-keep-going"  # in the repository's git directory: rows per night when last sent back
@@ -37,15 +36,6 @@ KEEP_GOING = ("The night goes on: pick up at program.md's loop, step 1, and keep
 # ---------------------------------------------------------------------------
 # git, from the directory the command runs in
 # ---------------------------------------------------------------------------
-
-def git(directory, *args):
-    """stdout of a git command, or None when it fails."""
-    try:
-        result = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
 
 def on_a_night(directory):
     """Whether `directory` is on a night's branch, or in a worktree (detached) of a repository that has one."""
@@ -194,13 +184,11 @@ def guard(event):
 # ---------------------------------------------------------------------------
 
 def ledger_rows(top):
-    """Rows of results.tsv after its header (None when there is no ledger)."""
+    """Rows of results.tsv, as the morning report reads them (None when there is no ledger)."""
     try:
-        with open(os.path.join(top, "results.tsv"), encoding="utf-8") as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
+        return len(read_ledger(os.path.join(top, "results.tsv"))[0])
     except OSError:
         return None
-    return max(len(lines) - 1, 0)
 
 
 def keep_going(event):

@@ -613,7 +613,7 @@ def start_tiny_main(mp, cache, budget=BUDGET):
                             DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64, WARMUP_RATIO=0.2,
                             FINAL_LR_FRAC=0.1).items():
         mp.setattr(train, name, value)
-    mp.setattr(train, "get_device", lambda: train.torch.device("cpu"))
+    mp.setattr(train, "training_device", lambda: train.torch.device("cpu"))
     mp.setattr(train, "flash_attn_func", machine.pytorch_attention)
     clock = SimpleNamespace(now=1000.0, losses=None, optimizer_calls=[])
     fake_time = SimpleNamespace(time=lambda: clock.now, perf_counter=time.perf_counter, sleep=time.sleep)

@@ -701,7 +701,7 @@ def test_a_run_without_the_memory_fit_is_timed_all_the_same(tampered_night):
 # --- the audit's rules, each on its own (hand-written inputs; fast, and what mutation testing reaches) ---------
 
 def row(line, commit, value, status="keep"):
-    return analysis.Row(line, commit, value, f"{value:.6f}", 44.0, status, "an idea")
+    return files.Row(line, commit, value, f"{value:.6f}", 44.0, status, "an idea")
 
 
 def judged(line, sha, value, **fields):

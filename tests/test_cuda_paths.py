@@ -28,14 +28,14 @@ import prepare
 import train
 from helpers import fresh_judge
 
-CUDA = torch.device("cuda")  # as train.get_device() makes it: no index
+CUDA = torch.device("cuda")  # as machine.training_device() makes it: no index
 
 
 # --- on the fake driver here, on the real one in the GPU check: nothing is allocated -------------------------
 
 def test_train_pys_device_has_no_index_and_its_memory_limit_is_the_gpus_share(cuda_driver):
     cuda_driver.set_fraction(0.25)
-    device = train.get_device()
+    device = machine.training_device()
     assert device == CUDA and device.index is None
     assert machine.memory_limit(device) == cuda_driver.properties.total_memory * 0.25
     assert machine.memory_limit(torch.device("cuda:0")) == cuda_driver.properties.total_memory * 0.25
@@ -64,7 +64,7 @@ def test_synchronize_and_the_cache_on_train_pys_device(cuda_driver):
 
 def test_the_driver_is_asked_for_the_fraction_and_the_properties(fake_cuda):
     fake_cuda.fraction = 0.25
-    assert machine.memory_limit(train.get_device()) == 80 * 2**30 * 0.25
+    assert machine.memory_limit(machine.training_device()) == 80 * 2**30 * 0.25
     assert "getMemoryFraction" in fake_cuda.calls and "getDeviceProperties" in fake_cuda.calls
 
 
@@ -93,7 +93,7 @@ def test_synchronize_waits_on_train_pys_device(fake_cuda):
                                        ("NVIDIA H800 PCIe", 756e12), ("NVIDIA L40", 181.05e12)])
 def test_the_device_name_and_its_peak_flops(fake_cuda, name, peak):
     fake_cuda.properties.name = name
-    device_name = torch.cuda.get_device_name(train.get_device())  # train.main's own call
+    device_name = torch.cuda.get_device_name(machine.training_device())  # train.main's own call
     assert device_name == name and machine.peak_flops(device_name) == peak
 
 
@@ -120,11 +120,11 @@ def test_the_precision_is_the_gpus_compute_capability(fake_cuda, monkeypatch, ca
     (it counts emulation); 8.0 and up in bf16. AUTORESEARCH_FLOAT16=1 forces the float16 path anywhere."""
     fake_cuda.properties.major, fake_cuda.properties.minor = capability
     monkeypatch.delenv(machine.FORCE_FLOAT16, raising=False)
-    got, why = machine.autocast_dtype(train.get_device())
+    got, why = machine.autocast_dtype(machine.training_device())
     assert got == dtype and f"compute capability {capability[0]}.{capability[1]}" in why
     assert ("loss scaling" in why) == (dtype == torch.float16)
     monkeypatch.setenv(machine.FORCE_FLOAT16, "1")
-    assert machine.autocast_dtype(train.get_device())[0] == torch.float16
+    assert machine.autocast_dtype(machine.training_device())[0] == torch.float16
 
 
 def test_cudas_out_of_memory_is_recognised_and_the_cache_handed_back(fake_cuda):

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 import analysis
+import files
 from files import judge_line, recorded_val_digest
 from helpers import EXAMPLE, ROOT, TINY_PREPARE, code_lines, git, one_command, set_constants, ShardServer
 
@@ -163,7 +164,7 @@ def parallel_night(night, tmp_path):
     git(repo, "config", "user.email", "agent@example.com")
     git(repo, "checkout", "-q", "-b", "autoresearch/nov23")
     with open(os.path.join(repo, "results.tsv"), "w") as f:
-        f.write("\t".join(analysis.HEADER) + "\n")
+        f.write("\t".join(files.LEDGER_HEADER) + "\n")
     sh(fill(protocol_command("mkdir ")), repo)
     return repo
 

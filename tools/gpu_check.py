@@ -245,7 +245,7 @@ def attention_backends(torch, F, machine, cuda):
                 ("fallback, eager (dense mask)", "window", fallback)]
     if cuda:
         backends.append(("fallback, compiled (FlexAttention)", "window", torch.compile(fallback, dynamic=False)))
-    fa3, source = machine.flash_attn_func, machine.ATTENTION  # chosen once, as machine.py was imported
+    fa3, source = machine.load_attention(torch.device("cuda" if cuda else "cpu"))  # as train.py's main loads it
     if fa3 is not machine.pytorch_attention:
         hub = lambda q, k, v, left: fa3(q, k, v, causal=True, window_size=(left, 0))
         backends += [(f"Flash Attention 3 ({source})", "full", hub), (f"Flash Attention 3 ({source})", "window", hub)]
