@@ -421,17 +421,11 @@ def audit_numbers(night):
                      "before it did): `uv run prepare.py` records it; what each run scored was not checked against it")
     for line, run in matched.items():
         row, fields = rows_by_line[line], run.fields
-        if not fields:
-            continue
         devices.setdefault(fields.get("device"), []).append(row.line)
         findings += run_findings(row, fields, runs, expected, digest)
     if len(devices) > 1:
         findings.append(f"{JUDGE_LOG}: the night ran on {len(devices)} devices, whose results do not compare: " +
                         "; ".join(f"{d} (lines {', '.join(map(str, ls))})" for d, ls in devices.items()))
-    old = sum(1 for run in matched.values() if not run.fields)
-    if old:
-        notes.append(f"{old} evaluation(s) logged by an older prepare.py: their run, timing, settings and device "
-                     f"were not checked")
     return findings, notes
 
 

@@ -97,7 +97,7 @@ def sweep_temporary_files(directory):
     """Remove the temporary files of runs that died (interrupted downloads, a killed run); never a live one's."""
     for parent, _, names in os.walk(directory):
         for name in names:
-            if not (name.endswith(".tmp") or name.endswith(".tmp.npz")):
+            if not name.endswith(".tmp"):
                 continue
             path = os.path.join(parent, name)
             gone = writer_is_gone(name)
@@ -137,11 +137,11 @@ class JudgeRun:
     time: float        # when the judge wrote it (seconds since the epoch)
     sha256: str        # of the train.py that ran
     val_bpb: str       # 6 decimals, as train.py printed it
-    fields: dict       # the key=value fields (JUDGE_FIELDS); {} in the 4-field lines of an older prepare.py
+    fields: dict       # the key=value fields (JUDGE_FIELDS)
 
 
 def read_judge_log(path):
-    """Every evaluation in judge.log, old 4-field lines included; lines that are not the judge's are skipped."""
+    """Every evaluation in judge.log; lines that are not the judge's are skipped."""
     runs = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -150,8 +150,8 @@ def read_judge_log(path):
                 when = datetime.strptime(fields[0], TIME_FORMAT).replace(tzinfo=timezone.utc).timestamp()
             except ValueError:
                 continue
-            if len(fields) >= 4:
-                extra = dict(field.split("=", 1) for field in fields[4:] if "=" in field)
+            extra = dict(field.split("=", 1) for field in fields[4:] if "=" in field)
+            if len(fields) >= 4 and extra:
                 runs.append(JudgeRun(number, when, fields[1], fields[2], extra))
     return runs
 

@@ -190,86 +190,6 @@ def read_row_group(path, row_group):
         sys.exit(f"error: {path} could not be read ({e}); delete it and run `uv run prepare.py` to download it again")
 
 
-def shard_token_groups(path, tokenizer):
-    """Each non-empty row group of a shard as (tokens, doc_lengths): its documents' uint16 tokens end to end, each
-    document BOS first, and their lengths.
-
-    Each row group is tokenized once and kept in the token cache, tokens/<tokenizer>/<shard>/<group>.npz,
-    so later runs read tokens instead of re-tokenizing the same text.
-    """
-    stem = os.path.basename(path)[:-len(".parquet")]
-    cache_dir = os.path.join(TOKENS_DIR, tokenizer.fingerprint, stem)
-    stat = os.stat(path)
-    source = np.array([stat.st_size, stat.st_mtime_ns, 0], dtype=np.int64)  # a replaced shard invalidates its cache
-    metadata = pq.read_metadata(path)
-    for row_group in range(metadata.num_row_groups):
-        if metadata.row_group(row_group).num_rows == 0:
-            continue
-        cache = os.path.join(cache_dir, f"{row_group:05d}.npz")
-        num_rows = metadata.row_group(row_group).num_rows
-        source[2] = row_group  # and a file copied from another row group is not taken for this one
-        group = read_token_cache(cache, source, num_rows, tokenizer) if os.path.exists(cache) else None
-        if group is None:
-            texts = read_row_group(path, row_group)
-            docs = tokenizer.encode_arrays(texts, prepend=tokenizer.get_bos_token_id())
-            group = np.concatenate(docs), np.array([len(d) for d in docs])
-            arrays = dict(source=source, tokens=group[0], doc_lengths=group[1])
-            try:
-                os.makedirs(cache_dir, exist_ok=True)
-                write_durably(cache, lambda f: np.savez(f, **arrays))
-            except OSError as e:  # the cache only saves time: a full disk must not stop a run
-                print(f"warning: token cache not written ({e})", file=sys.stderr)
-        yield group
-
-
-def token_slices(groups, slice_size=128):
-    """The documents of row groups (shard_token_groups) as token arrays, in slices of 128 documents."""
-    for tokens, lengths in groups:
-        docs = np.split(tokens, np.cumsum(lengths)[:-1])
-        for i in range(0, len(docs), slice_size):
-            yield docs[i:i + slice_size]
-
-
-def read_token_cache(cache, source, num_rows, tokenizer):
-    """The cached (tokens, doc_lengths) of one row group, or None to tokenize it again: when its shard was replaced,
-    or (with one warning line) when the file cannot be read or does not hold one BOS-led document per row."""
-    try:
-        with np.load(cache) as saved:
-            if not np.array_equal(saved["source"], source):
-                return None  # the shard was downloaded again since
-            tokens, lengths = saved["tokens"], saved["doc_lengths"]
-        starts = np.cumsum(lengths) - lengths
-        if (tokens.dtype != np.uint16 or len(lengths) != num_rows or lengths.min(initial=1) < 1
-                or lengths.sum() != len(tokens) or np.any(tokens[starts] != tokenizer.get_bos_token_id())
-                or tokens.max(initial=0) >= tokenizer.get_vocab_size()):
-            raise ValueError(f"it does not hold the {num_rows} documents of its row group")
-    except Exception as e:  # the cache only saves time: whatever is wrong with it must not stop a run
-        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-        print(f"warning: token cache {cache} is damaged ({why}); tokenizing its row group again", file=sys.stderr)
-        return None
-    return tokens, lengths
-
-
-def validation_digest(groups):
-    """(digest, tokens) of the validation shard's token stream, its row groups as shard_token_groups gives them:
-    sha256 of each group's document lengths and tokens, in order (16 hex digits), and the count of tokens.
-    Independent of MAX_SEQ_LEN and EVAL_TOKENS; about 20 ms for 20 M tokens."""
-    digest, count = hashlib.sha256(), 0
-    for tokens, lengths in groups:
-        digest.update(np.ascontiguousarray(lengths, dtype="<i8"))
-        digest.update(np.ascontiguousarray(tokens, dtype="<u2"))
-        count += len(tokens)
-    return digest.hexdigest()[:16], count
-
-
-def token_batches(tokenizer, split):
-    """Endless (documents, epoch): files in sorted order, slices of 128 tokenized documents; epoch from 1."""
-    paths = list_shards(split)
-    for epoch in itertools.count(1):
-        for path in paths:
-            for docs in token_slices(shard_token_groups(path, tokenizer)):
-                yield docs, epoch
-
 # ---------------------------------------------------------------------------
 # Download
 # ---------------------------------------------------------------------------
@@ -494,6 +414,91 @@ def get_token_bytes(device="cpu"):
     except ValueError as e:
         sys.exit(f"error: {e}; run `uv run prepare.py` to rebuild it")
 
+# ---------------------------------------------------------------------------
+# Tokens: each row group of a shard tokenized once, into the token cache
+# ---------------------------------------------------------------------------
+
+def shard_token_groups(path, tokenizer):
+    """Each non-empty row group of a shard as (tokens, doc_lengths): its documents' uint16 tokens end to end, each
+    document BOS first, and their lengths.
+
+    Each row group is tokenized once and kept in the token cache, tokens/<tokenizer>/<shard>/<group>.npz,
+    so later runs read tokens instead of re-tokenizing the same text.
+    """
+    stem = os.path.basename(path)[:-len(".parquet")]
+    cache_dir = os.path.join(TOKENS_DIR, tokenizer.fingerprint, stem)
+    stat = os.stat(path)
+    source = np.array([stat.st_size, stat.st_mtime_ns, 0], dtype=np.int64)  # a replaced shard invalidates its cache
+    metadata = pq.read_metadata(path)
+    for row_group in range(metadata.num_row_groups):
+        if metadata.row_group(row_group).num_rows == 0:
+            continue
+        cache = os.path.join(cache_dir, f"{row_group:05d}.npz")
+        num_rows = metadata.row_group(row_group).num_rows
+        source[2] = row_group  # and a file copied from another row group is not taken for this one
+        group = read_token_cache(cache, source, num_rows, tokenizer) if os.path.exists(cache) else None
+        if group is None:
+            texts = read_row_group(path, row_group)
+            docs = tokenizer.encode_arrays(texts, prepend=tokenizer.get_bos_token_id())
+            group = np.concatenate(docs), np.array([len(d) for d in docs])
+            arrays = dict(source=source, tokens=group[0], doc_lengths=group[1])
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                write_durably(cache, lambda f: np.savez(f, **arrays))
+            except OSError as e:  # the cache only saves time: a full disk must not stop a run
+                print(f"warning: token cache not written ({e})", file=sys.stderr)
+        yield group
+
+
+def token_slices(groups, slice_size=128):
+    """The documents of row groups (shard_token_groups) as token arrays, in slices of 128 documents."""
+    for tokens, lengths in groups:
+        docs = np.split(tokens, np.cumsum(lengths)[:-1])
+        for i in range(0, len(docs), slice_size):
+            yield docs[i:i + slice_size]
+
+
+def read_token_cache(cache, source, num_rows, tokenizer):
+    """The cached (tokens, doc_lengths) of one row group, or None to tokenize it again: when its shard was replaced,
+    or (with one warning line) when the file cannot be read or does not hold one BOS-led document per row."""
+    try:
+        with np.load(cache) as saved:
+            if not np.array_equal(saved["source"], source):
+                return None  # the shard was downloaded again since
+            tokens, lengths = saved["tokens"], saved["doc_lengths"]
+        starts = np.cumsum(lengths) - lengths
+        if (tokens.dtype != np.uint16 or len(lengths) != num_rows or lengths.min(initial=1) < 1
+                or lengths.sum() != len(tokens) or np.any(tokens[starts] != tokenizer.get_bos_token_id())
+                or tokens.max(initial=0) >= tokenizer.get_vocab_size()):
+            raise ValueError(f"it does not hold the {num_rows} documents of its row group")
+    except Exception as e:  # the cache only saves time: whatever is wrong with it must not stop a run
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        print(f"warning: token cache {cache} is damaged ({why}); tokenizing its row group again", file=sys.stderr)
+        return None
+    return tokens, lengths
+
+
+def validation_digest(groups):
+    """(digest, tokens) of the validation shard's token stream, its row groups as shard_token_groups gives them:
+    sha256 of each group's document lengths and tokens, in order (16 hex digits), and the count of tokens.
+    Independent of MAX_SEQ_LEN and EVAL_TOKENS; about 20 ms for 20 M tokens."""
+    digest, count = hashlib.sha256(), 0
+    for tokens, lengths in groups:
+        digest.update(np.ascontiguousarray(lengths, dtype="<i8"))
+        digest.update(np.ascontiguousarray(tokens, dtype="<u2"))
+        count += len(tokens)
+    return digest.hexdigest()[:16], count
+
+
+def token_batches(tokenizer, split):
+    """Endless (documents, epoch): files in sorted order, slices of 128 tokenized documents; epoch from 1."""
+    paths = list_shards(split)
+    for epoch in itertools.count(1):
+        for path in paths:
+            for docs in token_slices(shard_token_groups(path, tokenizer)):
+                yield docs, epoch
+
+
 def record_validation_digest():
     """Tokenize the validation shard (into the token cache) and record its digest beside the tokenizer, where a night
     does not write: the morning audit checks the digest of what the judge scored against it."""
@@ -625,7 +630,8 @@ def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
                       training_claimed="-" if training_seconds is None else f"{training_seconds:.1f}",
                       eval_seconds=f"{time.time() - t0:.1f}", **{name: JUDGE_SETTINGS[name] for name in JUDGE_LOGGED},
                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                      torch=torch.__version__, precision=autocast_precision(device),
+                      torch=torch.__version__, precision=str(torch.get_autocast_dtype(device.type))[6:]
+                      if torch.is_autocast_enabled(device.type) else "float32",  # train.py evaluates as it trained
                       val_digest=validation_digest(groups)[0],
                       val_opened=_judge["val_opened"], replaced=",".join(replaced) or "-")
         log_evaluation(val_bpb, EVAL_TOKENS // MAX_SEQ_LEN * MAX_SEQ_LEN, fields)
@@ -633,13 +639,6 @@ def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
     finally:
         _judge["evaluating"] = False
         module.update({name: value for name, value in swapped.items() if value is not None})
-
-
-def autocast_precision(device):
-    """The dtype the evaluation ran in: autocast's where it is on (train.py evaluates as it trained), else float32."""
-    if torch.is_autocast_enabled(device.type):
-        return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
-    return "float32"
 
 
 def training_record(now):

@@ -326,28 +326,6 @@ def test_a_repository_without_commits_is_audited_as_head(tmp_path):
     assert status == 1 and "Audit of HEAD: 1 finding\n  line 2: commit a000001 is not in the repository\n" in out
 
 
-def test_an_old_judges_log_is_still_read(copy_night):
-    """Lines of an older prepare.py (time, sha256, val_bpb, tokens): the numbers are checked, the rest noted."""
-    project, _ = copy_night
-    log = project / "judge.log"
-    log.write_text("".join("\t".join(line.split("\t")[:4]) + "\n" for line in log.read_text().splitlines()))
-    status, out = run_report(str(project / "results.tsv"), "--no-plot")
-    assert status == 0, out
-    assert ("  note: 5 evaluation(s) logged by an older prepare.py: their run, timing, settings and device were not "
-            "checked\n") in out
-
-
-def test_an_old_line_among_new_ones_leaves_the_rest_checked(copy_night):
-    project, _ = copy_night
-    log = project / "judge.log"
-    lines = log.read_text().splitlines()
-    lines[0] = "\t".join(lines[0].split("\t")[:4])  # the baseline's first run, logged by an older prepare.py
-    log.write_text("\n".join(lines) + "\n")
-    set_judge_field(project, 2, EVAL_TOKENS="128")
-    status, out = run_report(str(project / "results.tsv"), "--no-plot")
-    assert status == 1 and "was judged with other settings than the baseline's prepare.py: EVAL_TOKENS 128" in out, out
-
-
 def test_a_run_in_the_second_before_the_branch_counts_and_not_earlier(copy_night):
     """judge.log and git's reflog count whole seconds: one second before the branch was made is the clocks'
     rounding, two seconds is an earlier night."""

@@ -158,3 +158,12 @@ def test_only_a_run_of_train_py_has_a_watchdog():
             "print(len(children), prepare.RUN_LIMIT)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["0", "600"], result.stderr
+
+
+def test_the_judge_records_the_precision_the_run_trained_in(night, baseline):
+    """The evaluation runs under train.py's autocast: judge.log's precision is the one the run's first lines name."""
+    agent, runs, _ = night
+    precision = re.search(r"^Precision: (bf16|float16|float32)\b", baseline[1], flags=re.M).group(1)
+    with open(os.path.join(agent.project, "judge.log")) as f:
+        first = dict(field.split("=", 1) for field in f.readline().rstrip("\n").split("\t")[4:])
+    assert first["precision"] == {"bf16": "bfloat16"}.get(precision, precision)
