@@ -544,7 +544,8 @@ class UniformModel(nn.Module):
 
 
 def reference_dataloader(tokenizer, B, T, split, buffer_size=1000):
-    """SPEC's packing, written plainly: the longest document that fits (earliest among equals), else crop the shortest."""
+    """The original's packing, written plainly: the longest document that fits (earliest among equals), else crop the
+    shortest."""
     def slices():
         epoch = 1
         while True:

@@ -1,7 +1,8 @@
-"""The dataloader: BOS-aligned best-fit packing, equal to a plain implementation of SPEC's steps, batch for batch.
+"""The dataloader: BOS-aligned best-fit packing, equal to a plain implementation of the original's, batch for batch.
 
 The reference below reads the parquet files itself, tokenizes every slice of 128 documents, and scans one
-list in arrival order for every document it places, exactly as SPEC section 2 words it. The real loader
+list in arrival order for every document it places, as the original's loader does: the longest document that
+fits, the earliest among equals; when none fits, the shortest, cropped. The real loader
 (length-ordered buffer, background reading, token cache) must give the same (inputs, targets, epoch) across
 an epoch boundary, from a cold token cache and from a warm one. tools/bench_dataloader.py times the two.
 

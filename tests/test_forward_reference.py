@@ -59,7 +59,8 @@ def windowed_attention(q, k, v, left):
 
 
 def reference_forward(W, idx, n_layer, n_head, n_kv_head, pattern):
-    """Raw (uncapped) and capped logits of SPEC's GPT, from a dict of weights named as in the model."""
+    """Raw (uncapped) and capped logits of the GPT as the original builds it, from a dict of weights named as in the
+    model."""
     B, T = idx.shape
     head_dim = WIDTH // n_head
     cos, sin = rotary_tables(T, head_dim)

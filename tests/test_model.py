@@ -1,7 +1,8 @@
 """The GPT in train.py: parameter count, FLOPs per token, value-embedding layers, windows, forward contract.
 
-Counts are computed here from the architecture's description (SPEC section 3), independently of the model
-code, and the default model (depth 8, vocab 8192) must come to the known 50.3 M parameters.
+Counts are computed here from the architecture (per layer q, k, v, projection and MLP; the embeddings, lm_head and
+value embeddings; gates and scalars), independently of the model code, and the default model (depth 8, vocab
+8192) must come to the known 50.3 M parameters.
 
     uv run pytest tests/test_model.py
 """

@@ -3,7 +3,7 @@
     uv run python tools/bench_dataloader.py [--batches 40] [--batch-size 128] [--seq-len 2048] [--split train]
 
 Reads the cache that `uv run prepare.py` made (~/.cache/autoresearch, or $AUTORESEARCH_CACHE_DIR). Runs
-the reference (tests/helpers.py: SPEC's steps, linear scan, tokenizing every slice), then the real
+the reference (tests/helpers.py: the original's steps, a linear scan, tokenizing every slice), then the real
 loader twice with a fresh token cache in a temporary directory: cold (tokenizing and filling the cache, as
 the first run of a night does) and warm (as every later run does). Every batch must equal the reference's.
 Prints tokens/s for each and the ratios. Your real token cache is not touched.
