@@ -4,6 +4,7 @@ their logs, train.main() on a fake clock, plain references, and a CUDA driver fo
 Fixtures are in conftest.py; nothing here touches ~/.cache/autoresearch or the network.
 """
 
+import contextlib
 import gc
 import http.server
 import io
@@ -643,18 +644,33 @@ def start_tiny_main(mp, cache, budget=BUDGET):
     return clock
 
 
-def run_main(capsys):
-    """train.main(): (exit status, stdout), with the collector restored (main freezes and disables it)."""
+def run_main(capsys=None):
+    """train.main(): (exit status, stdout), with the collector restored (main freezes and disables it). stdout from
+    capsys where the test has it, else captured here (a module-scoped run)."""
     import train
-    status = 0
+    status, out = 0, io.StringIO()
     try:
-        train.main()
+        with contextlib.redirect_stdout(out) if capsys is None else contextlib.nullcontext():
+            train.main()
     except SystemExit as e:
         status = e.code
     finally:
         gc.enable()
         gc.unfreeze()
-    return status, capsys.readouterr().out
+    return status, out.getvalue() if capsys is None else capsys.readouterr().out
+
+
+def polar_express_steps(X, rows, cols, coefficients):
+    """Muon's orthogonalisation written plainly, on one matrix: for each (a, b, c), X = a X + X (b A + c A^2) with
+    A = X^T X where it is tall, else X = a X + (b A + c A^2) X with A = X X^T; in X's dtype."""
+    for a, b, c in coefficients:
+        if rows > cols:  # tall: the small X^T X
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+        else:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+    return X
 
 
 def summary_values(out):

@@ -10,11 +10,8 @@ fail is checked on a loss that is finite but above 100, and not on one just belo
     uv run pytest tests/test_loop.py
 """
 
-import gc
-import io
 import math
 import re
-import sys
 
 import pytest
 import torch
@@ -69,14 +66,8 @@ def fake_clock_run(tiny_cache):
     """One whole run: (stdout, the scheduled values of every optimizer step)."""
     with pytest.MonkeyPatch.context() as mp:
         clock = start_tiny_main(mp, tiny_cache)
-        out = io.StringIO()
-        mp.setattr(sys, "stdout", out)
-        try:
-            train.main()
-        finally:
-            gc.enable()
-            gc.unfreeze()
-    return out.getvalue(), clock.optimizer_calls
+        _, out = run_main()
+    return out, clock.optimizer_calls
 
 
 @pytest.fixture
@@ -151,14 +142,7 @@ def float16_and_bf16_runs(tiny_cache):
         with pytest.MonkeyPatch.context() as mp:
             start_tiny_main(mp, tiny_cache)
             mp.setenv("AUTORESEARCH_FLOAT16", force)
-            out = io.StringIO()
-            mp.setattr(sys, "stdout", out)
-            try:
-                train.main()
-            finally:
-                gc.enable()
-                gc.unfreeze()
-        outs["float16" if force else "bf16"] = out.getvalue()
+            outs["float16" if force else "bf16"] = run_main()[1]
     return outs
 
 

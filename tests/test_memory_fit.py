@@ -12,7 +12,6 @@ size and halves a batch that does not fit. Last, a real run under an address-spa
     uv run pytest tests/test_memory_fit.py
 """
 
-import gc
 import os
 import re
 import resource
@@ -105,12 +104,8 @@ def first_step(mp, cache, capsys, folder, device_batch, fits_up_to=None, error=O
         raise FirstStepDone
 
     mp.setattr(train.MuonAdamW, "step", step_then_stop)
-    try:
-        with pytest.raises(FirstStepDone):
-            train.main()
-    finally:
-        gc.enable()
-        gc.unfreeze()
+    with pytest.raises(FirstStepDone):
+        run_main(capsys)
     return after, capsys.readouterr().out, seen
 
 

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import train
-from helpers import require
+from helpers import polar_express_steps, require
 
 POLAR_EXPRESS = [  # (a, b, c) of the five orthogonalisation steps, in order
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -119,14 +119,7 @@ def test_adamw_skips_a_parameter_without_gradient_and_adds_eps_to_tiny_ones():
 # --- Muon ---------------------------------------------------------------------------------------------
 
 def orthogonalise(X, rows, cols, ns_steps):
-    for a, b, c in POLAR_EXPRESS[:ns_steps]:
-        if rows > cols:  # tall: the small X^T X
-            A = X.mT @ X
-            X = a * X + X @ (b * A + c * (A @ A))
-        else:
-            A = X @ X.mT
-            X = a * X + (b * A + c * (A @ A)) @ X
-    return X
+    return polar_express_steps(X, rows, cols, POLAR_EXPRESS[:ns_steps])
 
 
 def muon_textbook(p, grads, lrs, momentums, wds, beta2, ns_steps=5):
@@ -286,6 +279,24 @@ def inductor():
     torch._dynamo.reset()
 
 
+def adamw_runs(dtype, *steps):
+    """(start, the parameter after four AdamW steps of each step function), on the embeddings' learning rate."""
+    torch.manual_seed(4)
+    start = torch.randn(64, 48).to(dtype)
+    grads = [torch.randn(64, 48).to(dtype) * 0.1 for _ in SCHEDULE]
+    lrs = [0.6 * lrm for lrm, _, _ in SCHEDULE]
+    return start, [adamw_bitwise(start, grads, lrs, (0.8, 0.95), 1e-10, 0.0, step) for step in steps]
+
+
+def muon_runs(shape, *steps):
+    """(start, the stack of three matrices after four Muon steps of each step function), on the schedule."""
+    _, grads = muon_case(shape, seed=5, count=3)
+    start = torch.randn(3, *shape)
+    lrs, momentums, wds = zip(*[(0.04 * lrm, mu, 0.2 * wdm) for lrm, mu, wdm in SCHEDULE])
+    batches = [torch.stack(g) for g in zip(*grads)]
+    return start, [muon_bitwise(start, batches, lrs, momentums, wds, 0.95, 5, step) for step in steps]
+
+
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ, reason="mutmut's trampolines cannot be compiled")
 def test_compiled_the_steps_are_the_originals_to_the_bit_and_new_values_never_recompile(inductor):
     """Four steps of each with new hyperparameter values at every step, both compiled by inductor: the same
@@ -293,18 +304,10 @@ def test_compiled_the_steps_are_the_originals_to_the_bit_and_new_values_never_re
     hides (it rounds a float32 weight to the bf16 moments' dtype itself)."""
     counters.clear()
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(4)
-        start = torch.randn(64, 48).to(dtype)
-        grads = [torch.randn(64, 48).to(dtype) * 0.1 for _ in SCHEDULE]
-        lrs = [0.6 * lrm for lrm, _, _ in SCHEDULE]
-        ours, original = (adamw_bitwise(start, grads, lrs, (0.8, 0.95), 1e-10, 0.0, step) for step in inductor["adamw_step"])
+        _, (ours, original) = adamw_runs(dtype, *inductor["adamw_step"])
         assert torch.equal(ours, original), dtype
     for shape in [(64, 32), (32, 64)]:
-        _, grads = muon_case(shape, seed=5, count=3)
-        start = torch.randn(3, *shape)
-        steps = [torch.stack(g) for g in zip(*grads)]
-        lrs, momentums, wds = zip(*[(0.04 * lrm, mu, 0.2 * wdm) for lrm, mu, wdm in SCHEDULE])
-        ours, original = (muon_bitwise(start, steps, lrs, momentums, wds, 0.95, 5, step) for step in inductor["muon_step"])
+        _, (ours, original) = muon_runs(shape, *inductor["muon_step"])
         assert torch.equal(ours, original), shape
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 2 * (2 + 2), f"{graphs} graphs: each step a graph per dtype (AdamW) or shape (Muon), whatever the values"
@@ -328,18 +331,8 @@ def test_compiled_the_steps_follow_their_eager_selves(inductor):
     22) amplify each rounding (its output differs by 6 % of the largest element between bf16 and float32
     arithmetic), and where the cautious mask's sign flips an element moves by lr * wd * |p|."""
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(4)
-        start = torch.randn(64, 48).to(dtype)
-        grads = [torch.randn(64, 48).to(dtype) * 0.1 for _ in SCHEDULE]
-        lrs = [0.6 * lrm for lrm, _, _ in SCHEDULE]
-        compiled = adamw_bitwise(start, grads, lrs, (0.8, 0.95), 1e-10, 0.0, inductor["adamw_step"][0])
-        eager = adamw_bitwise(start, grads, lrs, (0.8, 0.95), 1e-10, 0.0, train.adamw_step)
+        start, (compiled, eager) = adamw_runs(dtype, inductor["adamw_step"][0], train.adamw_step)
         assert 0 < relative_difference(compiled, eager, start) < BOUND[dtype], dtype
     for shape in [(64, 32), (32, 64)]:
-        _, grads = muon_case(shape, seed=5, count=3)
-        start = torch.randn(3, *shape)
-        steps = [torch.stack(g) for g in zip(*grads)]
-        lrs, momentums, wds = zip(*[(0.04 * lrm, mu, 0.2 * wdm) for lrm, mu, wdm in SCHEDULE])
-        compiled = muon_bitwise(start, steps, lrs, momentums, wds, 0.95, 5, inductor["muon_step"][0])
-        eager = muon_bitwise(start, steps, lrs, momentums, wds, 0.95, 5, train.muon_step)
+        start, (compiled, eager) = muon_runs(shape, inductor["muon_step"][0], train.muon_step)
         assert 0 < relative_difference(compiled, eager, start) < BOUND["muon"], shape

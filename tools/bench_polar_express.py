@@ -13,7 +13,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from helpers import polar_express_steps  # noqa: E402  (the plain orthogonalisation of the optimizer's tests)
 from train import POLAR_EXPRESS_COEFFS  # noqa: E402
 
 SHAPES = [(512, 512), (2048, 512), (512, 2048), (4, 32)]  # depth 8, width 512: c_q/c_k/c_v/c_proj, c_fc, mlp c_proj, ve_gate
@@ -23,16 +25,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def polar_express(g, dtype):
     """muon_step's orthogonalisation of one matrix, in `dtype`; the result in float64."""
     X = g.to(dtype)
-    X = X / (X.norm() * 1.02 + 1e-6)
-    rows, cols = g.shape
-    for a, b, c in POLAR_EXPRESS_COEFFS:
-        if rows > cols:
-            A = X.mT @ X
-            X = a * X + X @ (b * A + c * (A @ A))
-        else:
-            A = X @ X.mT
-            X = a * X + (b * A + c * (A @ A)) @ X
-    return X.double()
+    return polar_express_steps(X / (X.norm() * 1.02 + 1e-6), *g.shape, POLAR_EXPRESS_COEFFS).double()
 
 
 def main():
