@@ -13,8 +13,9 @@
 # - outside the project everything is read-only, except the token cache (<cache>/tokens), a private /tmp and
 #   /dev/shm, uv's cache, Triton's (~/.triton) and the Hugging Face cache (the kernel hub's);
 # - HOME is private: only the agents' state (~/.claude, ~/.claude.json, ~/.codex, or what CLAUDE_CONFIG_DIR and
-#   CODEX_HOME name), ~/.gitconfig (read-only), the caches above and the tools on PATH under HOME (read-only)
-#   are there; SSH keys and stored credentials are not, so a push has nothing to authenticate with;
+#   CODEX_HOME name), ~/.gitconfig (read-only) and the caches above are there; SSH keys and stored credentials are
+#   not, so a push has nothing to authenticate with. The tools the night runs that live under HOME or /tmp (PATH's
+#   folders, COMMAND, codex-night.sh's $CODEX, the Python environment) are bound read-only;
 # - the network is as it is (the agent needs its model); the GPU's device nodes are passed in and /sys is
 #   visible, so CUDA works inside.
 # When COMMAND ends, every file that appeared in the project is named, before anything else runs there (a planted
@@ -56,6 +57,17 @@ for dir in "${path_dirs[@]}" "${PYENV_ROOT:-$home/.pyenv}" "$home/.local/share/u
 done
 python=$(readlink -f "$project/.venv/bin/python" 2>/dev/null) && case "$python" in
     "$home"/*) bind_ro "$(dirname "$(dirname "$python")")" ;; esac  # the interpreter .venv was made from
+# the tools COMMAND runs, where the private /tmp or HOME would hide them: COMMAND itself, codex-night.sh's $CODEX,
+# the Python environment uv runs in; a tool inside node_modules brings the whole of it (its platform packages)
+bind_tool() {
+    local real
+    real=$(readlink -f "$1" 2>/dev/null) || return 0
+    case "$real" in */node_modules/*) real="${real%%/node_modules/*}/node_modules" ;; *) [ -d "$real" ] || real=$(dirname "$real") ;; esac
+    case "$real" in /tmp/*|"$home"/*) bind_ro "$real" ;; esac
+}
+bind_tool "$(command -v "$1" 2>/dev/null || echo "$1")"
+for tool in "${CODEX:-}" "${VIRTUAL_ENV:-}" "${UV_PROJECT_ENVIRONMENT:-}"; do [ -n "$tool" ] && bind_tool "$tool"; done
+for dir in "${path_dirs[@]}"; do case "$dir" in /tmp/*) bind_tool "$dir" ;; esac; done
 bind_rw "${CLAUDE_CONFIG_DIR:-$home/.claude}"
 bind_rw "${CODEX_HOME:-$home/.codex}"
 bind_ro "$home/.gitconfig"
