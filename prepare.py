@@ -587,10 +587,10 @@ def packed_rows(stream, B, T, buffer_size, device, prefetch, timed=False):
             if pin:
                 host = host.pin_memory()
             both = host.to(device, non_blocking=pin)
-            if timed:
-                first = time.time() if first is None else first
-                if handed == 2 and (_judge["training_started"] is None or first < _judge["training_started"]):
-                    _judge["training_started"] = first
+            if timed and handed == 1:
+                first = time.time()
+            if timed and handed == 2 and (_judge["training_started"] is None or first < _judge["training_started"]):
+                _judge["training_started"] = first
             yield both[0], both[1], epoch
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
@@ -625,7 +625,7 @@ def evaluate_bpb(model, tokenizer, batch_size, training_seconds=None):
         own_tokenizer = Tokenizer.from_directory()
         device = next(model.parameters()).device
         groups = list(shard_token_groups(list_shards("val")[0], own_tokenizer))
-        val_bpb = _bits_per_byte_fitted(model, own_tokenizer, batch_size, device, groups)
+        val_bpb = _bits_per_byte_fitted(model, batch_size, device, groups)
         fields = dict(run=RUN_ID, elapsed=f"{t0 - RUN_STARTED:.1f}", **training_record(t0),
                       training_claimed="-" if training_seconds is None else f"{training_seconds:.1f}",
                       eval_seconds=f"{time.time() - t0:.1f}", **{name: JUDGE_SETTINGS[name] for name in JUDGE_LOGGED},
@@ -653,7 +653,7 @@ def training_record(now):
                 step_seconds=f"{gaps[len(gaps) // 2]:.3f}" if gaps else "-", longest_step=f"{gaps[-1]:.3f}" if gaps else "-")
 
 
-def _bits_per_byte_fitted(model, tokenizer, batch_size, device, groups):
+def _bits_per_byte_fitted(model, batch_size, device, groups):
     """_bits_per_byte at the largest batch, from batch_size down by halves, that fits in memory."""
     token_bytes = get_token_bytes(device)
     rows = EVAL_TOKENS // MAX_SEQ_LEN

@@ -474,8 +474,9 @@ def main():
 
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
-    for group in (g for g in optimizer.param_groups if g["kind"] == "muon" and dtype == torch.float16):
-        group["ortho_dtype"] = torch.float16  # Polar Express in float16 where bf16 is missing (docs/small-machines.md)
+    if dtype == torch.float16:  # Polar Express in float16 where bf16 is missing (docs/small-machines.md)
+        for group in (g for g in optimizer.param_groups if g["kind"] == "muon"):
+            group["ortho_dtype"] = torch.float16
     if COMPILE:
         model = compile_model(model, device)
 

@@ -5,6 +5,7 @@ Fixtures are in conftest.py; nothing here touches ~/.cache/autoresearch or the n
 """
 
 import contextlib
+import copy
 import gc
 import http.server
 import io
@@ -22,8 +23,8 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,13 +37,8 @@ import prepare  # noqa: E402
 # --- the tools a test needs that a machine may lack: missing, the test fails, unless the opt-out names them ------
 
 AGENTS_BIN = os.path.join(ROOT, "night", "node_modules", ".bin")
-TOOLS = {  # name: (where it is, or None; how to get it)
-    "claude": (lambda: shutil.which("claude", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Claude Code"),
-    "codex": (lambda: shutil.which("codex", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Codex"),
-    "uv": (lambda: os.environ.get("UV") or shutil.which("uv"), "`pip install uv`"),
-    "g++": (lambda: shutil.which("g++"), "a C++ compiler for inductor (`apt-get install g++`)"),
-    "bwrap": (lambda: working_bwrap(), "bubblewrap, able to create its namespaces here (`apt-get install bubblewrap`)"),
-}
+
+
 def working_bwrap():
     """bwrap's path where it is installed and can create its namespaces (a container may forbid them), else None."""
     path = shutil.which("bwrap")
@@ -50,6 +46,13 @@ def working_bwrap():
     return path if ok else None
 
 
+TOOLS = {  # name: (where it is, or None; how to get it)
+    "claude": (lambda: shutil.which("claude", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Claude Code"),
+    "codex": (lambda: shutil.which("codex", path=AGENTS_BIN), "`npm ci --prefix night` installs the pinned Codex"),
+    "uv": (lambda: os.environ.get("UV") or shutil.which("uv"), "`pip install uv`"),
+    "g++": (lambda: shutil.which("g++"), "a C++ compiler for inductor (`apt-get install g++`)"),
+    "bwrap": (working_bwrap, "bubblewrap, able to create its namespaces here (`apt-get install bubblewrap`)"),
+}
 TOOLS_OPT_OUT = "AUTORESEARCH_TESTS_WITHOUT"  # e.g. "claude,codex": their tests skip, and the summary says why
 
 
@@ -599,9 +602,12 @@ def in_memory_fit():
     return frame is not None
 
 
+FRESH_JUDGE = copy.deepcopy(prepare._judge)  # as prepare was imported: before any loader, step or read of this process
+
+
 def fresh_judge(mp):
     """The judge's record of the process (its clock, the validation reads) started over, as in a new run."""
-    mp.setattr(prepare, "_judge", dict(evaluating=False, training_started=None, steps=[], val_opened=0))
+    mp.setattr(prepare, "_judge", copy.deepcopy(FRESH_JUDGE))
 
 
 def start_tiny_main(mp, cache, budget=BUDGET):

@@ -12,6 +12,7 @@ here would notice them.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ POLAR_EXPRESS = [  # (a, b, c) of the five orthogonalisation steps, in order
 ]
 SCHEDULE = [(1.0, 0.85, 1.0), (0.8, 0.88, 0.7), (0.5, 0.9, 0.4), (0.2, 0.93, 0.1)]  # (lr mult, momentum, wd mult)
 eager_only = pytest.mark.skipif(train.COMPILE, reason="this machine compiles the steps: compared with eager below")
+not_under_mutmut = pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines cannot be compiled")
 
 
 def f32(x):
@@ -297,7 +299,7 @@ def muon_runs(shape, *steps):
     return start, [muon_bitwise(start, batches, lrs, momentums, wds, 0.95, 5, step) for step in steps]
 
 
-@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ, reason="mutmut's trampolines cannot be compiled")
+@not_under_mutmut
 def test_compiled_the_steps_are_the_originals_to_the_bit_and_new_values_never_recompile(inductor):
     """Four steps of each with new hyperparameter values at every step, both compiled by inductor: the same
     operations give the same kernels, so the same bits. Here the lerp weights' dtype shows, which eager lerp
@@ -321,7 +323,7 @@ def relative_difference(compiled, eager, start):
     return ((compiled.float() - eager.float()).norm() / (eager.float() - start.float()).norm()).item()
 
 
-@pytest.mark.skipif("MUTANT_UNDER_TEST" in __import__("os").environ, reason="mutmut's trampolines cannot be compiled")
+@not_under_mutmut
 def test_compiled_the_steps_follow_their_eager_selves(inductor):
     """Not to the bit: inductor fuses each chain of elementwise operations into one loop that keeps float32
     between them, where eager rounds every intermediate (to bf16 for the bf16 embeddings' AdamW and all of
